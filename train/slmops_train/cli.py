@@ -1,0 +1,77 @@
+"""``slmops train``: every TrainConfig field is a CLI option of the same name (olive finetune's)."""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import click
+
+from slmops_train.config import TrainConfig, build_config, configs_from_yaml
+
+SHORT_ALIASES = {"model_name_or_path": "-m", "data_name": "-d", "output_path": "-o"}
+
+
+def _click_type(annotation: Any) -> tuple[Any, bool, bool]:
+    """(click type, is_flag, multiple) for a pydantic field annotation."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    base = args[0] if get_origin(annotation) in (typing.Union, types.UnionType) and args else annotation
+    if base is bool:
+        return bool, True, False
+    if get_origin(base) is list:
+        return str, False, True
+    if get_origin(base) is Literal:
+        return click.Choice([str(a) for a in get_args(base)]), False, False
+    return {int: int, float: float}.get(base, str), False, False
+
+
+def config_options(func: Any) -> Any:
+    """Decorate ``func`` with one option per TrainConfig field; unset options stay None."""
+    for name, field in reversed(list(TrainConfig.model_fields.items())):
+        ctype, is_flag, multiple = _click_type(field.annotation)
+        decls = [f"--{name}"] + ([SHORT_ALIASES[name]] if name in SHORT_ALIASES else [])
+        help_text = field.description or ""
+        if is_flag:
+            func = click.option(f"--{name}/--no-{name}", default=None, help=help_text)(func)
+        else:
+            func = click.option(*decls, type=ctype, multiple=multiple, default=None, help=help_text)(func)
+    return func
+
+
+def _explicit(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None and v != ()}
+
+
+@click.command("train", context_settings={"max_content_width": 120})
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML with any of these options, and optionally `adapters:` name -> options for several adapters.")
+@click.option("--search", "search_path", type=click.Path(path_type=Path), default=None,
+              help="Hyperparameter search YAML (optuna): trains N trials and keeps the best adapter.")
+@config_options
+def train_command(config_path: Path | None, search_path: Path | None, **options: Any) -> None:
+    """Fine-tune LoRA/QLoRA adapters; writes runs/<name>/{adapter/, run.json, loss_curve.png}.
+
+    Example: slmops train --data_files examples/tone/train.jsonl --text_template "{phrase} -> {tone}" --max_steps 60
+    """
+    from rich.console import Console
+
+    from slmops_train.recipe import train
+
+    console = Console(stderr=True)
+    overrides = _explicit(options)
+    if search_path is not None:
+        from slmops_train.search import run_search
+
+        run_search(search_path, overrides, config_path)
+        return
+    configs = configs_from_yaml(config_path, overrides) if config_path else [build_config(overrides)]
+    for cfg in configs:
+        result = train(cfg)
+        shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+        perf = result.record["performance"]
+        console.print(
+            f"[green]done[/] {cfg.run_name()}: {result.adapter_dir}  {perf['s_per_step']} s/step, "
+            f"{perf['tokens_per_s']} tok/s  {shown}"
+        )
