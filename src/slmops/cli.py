@@ -16,6 +16,8 @@ from slmops.errors import SlmopsUsageError
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("slmops_train.cli:train_command", "Fine-tune LoRA/QLoRA adapters (olive finetune options)."),
     "model": ("slmops.model_cli:model_group", "Prepare and inspect base models."),
+    "build": ("slmops_build.cli:build_command", "Build a multi-adapter ONNX bundle for a hardware target."),
+    "bundle": ("slmops_build.bundle_cli:bundle_group", "Inspect and verify bundles."),
 }
 
 

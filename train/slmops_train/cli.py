@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import click
 
+from slmops.errors import SlmopsUsageError
 from slmops_train.config import TrainConfig, build_config, configs_from_yaml
 
 SHORT_ALIASES = {"model_name_or_path": "-m", "data_name": "-d", "output_path": "-o"}
@@ -49,8 +50,9 @@ def _explicit(options: dict[str, Any]) -> dict[str, Any]:
               help="YAML with any of these options, and optionally `adapters:` name -> options for several adapters.")
 @click.option("--search", "search_path", type=click.Path(path_type=Path), default=None,
               help="Hyperparameter search YAML (optuna): trains N trials and keeps the best adapter.")
+@click.option("--only", "only", multiple=True, help="With -c: train only these adapters of the config (repeatable).")
 @config_options
-def train_command(config_path: Path | None, search_path: Path | None, **options: Any) -> None:
+def train_command(config_path: Path | None, search_path: Path | None, only: tuple[str, ...], **options: Any) -> None:
     """Fine-tune LoRA/QLoRA adapters; writes runs/<name>/{adapter/, run.json, loss_curve.png}.
 
     Example: slmops train --data_files examples/tone/train.jsonl --text_template "{phrase} -> {tone}" --max_steps 60
@@ -67,6 +69,12 @@ def train_command(config_path: Path | None, search_path: Path | None, **options:
         run_search(search_path, overrides, config_path)
         return
     configs = configs_from_yaml(config_path, overrides) if config_path else [build_config(overrides)]
+    if only:
+        names = [c.run_name() for c in configs]
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SlmopsUsageError("--only", f"{unknown} not in {config_path}; choose from {names}")
+        configs = [c for c in configs if c.run_name() in only]
     for cfg in configs:
         result = train(cfg)
         shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}

@@ -62,6 +62,8 @@ def _load_split(config: TrainConfig, split: str, option: str) -> Any:
     except SlmopsUsageError:
         raise
     except (ValueError, KeyError) as exc:
+        if "corresponds to no data" in str(exc):
+            raise SlmopsUsageError(option, f"'{split}' selects no rows; widen the slice or check the data") from exc
         raise SlmopsUsageError(option, f"'{split}' cannot be read: {exc}; use an existing split with a valid slice") from exc
     except Exception as exc:  # noqa: BLE001 - hub / file errors get one clear message
         if config.data_name:

@@ -30,7 +30,6 @@ from slmops_train.metrics import greater_is_better, is_label_task, perplexity, t
 RUN_SCHEMA_VERSION = 1
 ADAPTER_DIR = "adapter"
 RUN_JSON = "run.json"
-_CHECKPOINTING_ARG = "gradient_checkpointing"
 
 
 @dataclass
@@ -204,7 +203,10 @@ def _progress_callback() -> Any:
             if self.progress is not None and logs:
                 shown = {k: v for k, v in logs.items() if k in ("loss", "eval_loss", "eval_accuracy", "eval_rouge_l")}
                 if shown:
-                    self.progress.update(self.task, info=" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+                    info = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+                    self.progress.update(self.task, info=info)
+                    if not self.progress.console.is_terminal:  # CI, docker logs: one line per log
+                        self.progress.console.print(f"{self.title} step {state.global_step}/{state.max_steps} {info}")
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if self.progress is not None:
@@ -245,8 +247,6 @@ def train(config: TrainConfig) -> RunResult:
     from transformers.trainer_utils import get_last_checkpoint
 
     started = time.time()
-    global _CHECKPOINTING_ARG
-    _CHECKPOINTING_ARG = _checkpointing_arg()
     run_dir = config.run_dir()
     check_output_path(run_dir, config.overwrite)
     work = run_dir.parent / f".{run_dir.name}.partial"
@@ -290,7 +290,7 @@ def train(config: TrainConfig) -> RunResult:
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        **{_CHECKPOINTING_ARG: config.gradient_checkpointing and config.method != "qlora"},
+        **{_checkpointing_arg(): config.gradient_checkpointing and config.method != "qlora"},
         logging_steps=config.logging_steps,
         eval_strategy="steps" if eval_during else "no",
         eval_steps=eval_steps if eval_during else None,

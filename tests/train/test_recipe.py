@@ -1,0 +1,201 @@
+"""Integration tests of the train stage on the tiny Llama: real Trainer, real PEFT, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slmops.errors import SlmopsUsageError
+from slmops_train.config import build_config
+from slmops_train.recipe import load_model, train
+from tests.conftest import REPO
+
+
+def test_training_lowers_loss_and_writes_a_complete_run(base_args) -> None:
+    cfg = build_config({**base_args, "max_steps": 16, "learning_rate": 5e-3, "target_modules": ["all-linear"],
+                        "eval_steps": 8, "lora_r": 8})
+    result = train(cfg)
+    run = result.run_dir
+    record = json.loads((run / "run.json").read_text())
+    losses = [h["loss"] for h in record["metrics"]["train_log"]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    evals = record["metrics"]["evals"]
+    assert len(evals) >= 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    for key in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_macro_f1"):
+        assert key in record["metrics"]["final"]
+    assert record["task"]["type"] == "classification"
+    assert len(record["base_model"]["sha256"]) == 64
+    assert record["dataset"]["sha256"] and record["dataset"]["train_rows"] == 20
+    assert record["performance"]["tokens_per_s"] > 0 and record["performance"]["steps"] == 16
+    assert {"torch", "transformers", "peft"} <= set(record["versions"])
+    assert record["config"]["lora_r"] == 8
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter" / "slmops_adapter.json").read_text())["base_model_sha256"] == record["base_model"]["sha256"]
+    assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(run.parent.glob(".*partial"))  # the work dir is gone
+
+
+def test_adapter_loads_back_with_peft(base_args, tiny_model_dir) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(build_config({**base_args, "eval_split": "none"}))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
+    assert model.peft_config["default"].r == 8
+
+
+def test_existing_output_needs_overwrite_and_stays_untouched(base_args) -> None:
+    out = Path(base_args["output_path"])
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SlmopsUsageError) as err:
+        train(build_config(base_args))
+    assert "--overwrite" in err.value.message
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    train(build_config({**base_args, "overwrite": True, "eval_split": "none"}))
+    assert (out / "adapter").is_dir() and not (out / "keep.txt").exists()
+
+
+def test_unknown_target_module_is_refused(base_args) -> None:
+    with pytest.raises(SlmopsUsageError) as err:
+        train(build_config({**base_args, "target_modules": ["q_proj", "qkv_proj"]}))
+    assert err.value.option == "--target_modules" and "qkv_proj" in err.value.message and "v_proj" in err.value.message
+    assert not Path(base_args["output_path"]).exists()
+
+
+def test_early_stopping_keeps_the_best_checkpoint(base_args) -> None:
+    # A rate this high diverges after the first evals, so patience 1 must stop early.
+    cfg = build_config({**base_args, "max_steps": 40, "learning_rate": 0.5, "eval_steps": 2,
+                        "early_stopping_patience": 1, "target_modules": ["all-linear"]})
+    record = train(cfg).record
+    assert record["performance"]["steps"] < 40
+    best = record["metrics"]["best_checkpoint_metric"]
+    assert best == min(e["eval_loss"] for e in record["metrics"]["evals"])
+    assert record["metrics"]["final"]["eval_loss"] == pytest.approx(best, rel=1e-4)
+
+
+def test_resume_continues_from_the_last_checkpoint(base_args) -> None:
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    import slmops_train.recipe as recipe
+
+    cfg = build_config({**base_args, "max_steps": 8, "save_steps": 2, "eval_split": "none"})
+    original = recipe._progress_callback
+    recipe._progress_callback = lambda: (lambda title: Interrupt())  # inject the interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(build_config({**cfg.model_dump(), "progress": True}))
+    finally:
+        recipe._progress_callback = original
+    out = Path(base_args["output_path"])
+    assert not out.exists()  # nothing half-written at the output path
+    assert (out.parent / ".run.partial" / "checkpoints" / "checkpoint-4").is_dir()
+    record = train(build_config({**cfg.model_dump(), "resume": True})).record
+    assert record["performance"]["resumed_from"] == "checkpoint-4"
+    assert record["performance"]["steps"] == 8
+    assert len(record["metrics"]["train_log"]) == 8
+
+
+def test_custom_loss_is_used(base_args) -> None:
+    from tests.train import custom_loss
+
+    custom_loss.CALLS["n"] = 0
+    record = train(build_config({**base_args, "loss_fn": "tests.train.custom_loss:ScaledCrossEntropy",
+                                 "eval_split": "none"})).record
+    assert custom_loss.CALLS["n"] >= 4
+    # twice the plain token loss of a ~400-token vocab (ln 400 ~ 6)
+    assert record["metrics"]["train_log"][0]["loss"] > 10
+    with pytest.raises(SlmopsUsageError) as err:
+        train(build_config({**base_args, "loss_fn": "tests.train.custom_loss:Nope", "overwrite": True}))
+    assert err.value.option == "--loss_fn"
+
+
+def test_packing_trains(base_args) -> None:
+    record = train(build_config({**base_args, "packing": True, "max_seq_len": 128, "eval_split": "none"})).record
+    assert record["dataset"]["packed_rows"] < 20
+    assert record["performance"]["steps"] == 4
+
+
+def test_qlora_lowers_loss_with_nonzero_lora_gradients(base_args, tiny_data) -> None:
+    """On CPU, bitsandbytes 4-bit layers silently give no gradients in eval mode: check both."""
+    import torch
+
+    from slmops_train.data import Collator, prepare_data
+    from transformers import AutoTokenizer
+
+    cfg = build_config({**base_args, "method": "qlora", "target_modules": ["all-linear"], "lora_r": 8})
+    tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    model = load_model(cfg, cfg.model_name_or_path)
+    assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    batch = Collator(tok.pad_token_id)([prepare_data(cfg, tok).train[i] for i in range(8)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(12):
+        optim.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_qlora_through_the_trainer(base_args) -> None:
+    record = train(build_config({**base_args, "method": "qlora", "max_steps": 10, "learning_rate": 5e-3,
+                                 "target_modules": ["all-linear"], "eval_split": "none"})).record
+    losses = [h["loss"] for h in record["metrics"]["train_log"]]
+    assert losses[-1] < losses[0], losses
+
+
+def test_hyperparameter_search_keeps_the_best_trial(base_args, tmp_path) -> None:
+    import yaml
+
+    from slmops_train.search import run_search
+
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump({
+        "base": {k: v for k, v in base_args.items() if k != "output_path"},
+        "n_trials": 3, "sampler": "random", "metric": "eval_loss", "seed": 1,
+        "params": {"learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                   "lora_r": {"type": "int", "low": 2, "high": 8},
+                   "per_device_train_batch_size": {"type": "choice", "values": [2, 4]}},
+    }))
+    out = tmp_path / "search-out"
+    summary = run_search(tmp_path / "search.yaml", {"output_path": str(out)})
+    trials = json.loads((out / "trials.json").read_text())
+    assert len(trials["trials"]) == 3
+    assert summary["best_value"] == min(t["eval_loss"] for t in trials["trials"])
+    assert (out / "trials.csv").read_text().count("\n") == 4
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["search"]["best_trial"] == summary["best_trial"]
+    assert record["config"]["lora_r"] == summary["best_params"]["lora_r"]
+
+
+@pytest.mark.ddp
+def test_two_process_ddp_on_cpu(base_args, tmp_path) -> None:
+    import yaml
+
+    cfg = {**base_args, "eval_split": "none", "max_steps": 3, "per_device_train_batch_size": 2}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+         "-m", "slmops.cli", "train", "-c", str(tmp_path / "ddp.yaml")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((Path(base_args["output_path"]) / "run.json").read_text())
+    assert record["performance"]["world_size"] == 2 and record["performance"]["steps"] == 3
