@@ -1,0 +1,299 @@
+"""The build stage: ``build_bundle(BuildConfig) -> Path``.
+
+base model + PEFT adapters --export (onnxruntime-genai builder) + quantize per target-->
+``<out>/model/`` (ONNX + genai_config + tokenizer), ``<out>/adapters/<name>.onnx_adapter``,
+``<out>/bundle.json``. The bundle is built in a temp sibling and renamed into place; a rebuild
+whose inputs and options did not change does nothing ("up to date").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slmops.bundle import ABI_VERSION, SCHEMA_VERSION, AdapterInfo, BundleError, read_manifest, verify_files
+from slmops.errors import SlmopsUsageError
+from slmops.fsutil import atomic_output_dir, sha256_file
+from slmops.models import resolve_model_path
+from slmops.targets import PRECISIONS, Target, get_target
+
+DEFAULT_OUTPUT_ROOT = Path("dist/bundles")
+
+
+class BuildConfig(BaseModel):
+    """Everything one bundle build needs. Field names are the CLI option names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str | None = Field(None, description="target profile: cpu (int4 + float32 adapters), cuda (fp16 + fp16 adapters)")
+    device: Literal["cpu", "gpu"] | None = Field(None, description="olive-style alternative to --target")
+    provider: str | None = Field(None, description="olive-style alternative to --target, e.g. CUDAExecutionProvider")
+    precision: Literal["fp32", "fp16", "int8", "int4"] | None = Field(None, description="override the target's base precision")
+    model_name_or_path: str = Field("default", description="local HF folder, hub id, or 'default'")
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> PEFT adapter folder or train run folder")
+    merge: str | None = Field(None, description="merge this adapter into the weights (a bundle without LoRA inputs)")
+    lora_modules: list[str] | None = Field(None, description="modules that take runtime LoRA inputs (the adapter ABI); default all linear")
+    output_path: str | None = Field(None, description="bundle folder; default dist/bundles/<target>")
+    overwrite: bool = False
+    extra_options: dict[str, str] = Field(default_factory=dict, description="model builder options KEY=VALUE")
+    validate_bundle: bool = Field(True, description="run validation (parity vs PyTorch, perplexity)")
+    validate_rows: int = Field(32, ge=1, description="eval rows per adapter used by validation")
+    validate_max_new_tokens: int | None = Field(None, ge=1)
+    max_accuracy_drop: float = Field(3.0, ge=0, description="fail if bundle accuracy/ROUGE-L drops more points than this vs PyTorch")
+    max_ppl_increase: float = Field(10.0, ge=0, description="fail if base perplexity rises more percent than this vs fp32")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _parse_adapters(cls, value: Any) -> Any:
+        from slmops_build.adapters import parse_adapter_specs
+
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            value = [value]
+        return parse_adapter_specs(value)
+
+    @field_validator("extra_options", mode="before")
+    @classmethod
+    def _parse_extra(cls, value: Any) -> Any:
+        from slmops_build.quantize import parse_extra_options
+
+        if isinstance(value, str):
+            value = [value]
+        return parse_extra_options(value)
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [p.strip() for v in value for p in str(v).split(",") if p.strip()] or None
+        return value
+
+    @model_validator(mode="after")
+    def _check_merge(self) -> BuildConfig:
+        if self.merge is not None:
+            if self.merge not in self.adapters:
+                raise ValueError(f"--merge: '{self.merge}' is not one of the --adapter names {sorted(self.adapters)}")
+            if len(self.adapters) > 1:
+                raise ValueError("--merge: a merged bundle has no LoRA inputs, so it holds exactly one adapter; pass only that --adapter")
+        return self
+
+    def resolve_target(self) -> Target:
+        return get_target(self.target, self.device, self.provider, self.precision)
+
+    def output_dir(self, target: Target) -> Path:
+        return Path(self.output_path) if self.output_path else DEFAULT_OUTPUT_ROOT / target.name
+
+
+def build_config(values: dict[str, Any], source: str = "") -> BuildConfig:
+    """Validate ``values`` into a BuildConfig; errors name the option (exit 2 at the CLI)."""
+    values = dict(values)
+    if "validate" in values:  # YAML may say `validate: false`
+        values["validate_bundle"] = values.pop("validate")
+    if "adapter" in values:
+        values["adapters"] = values.pop("adapter")
+    if "extra_option" in values:
+        values["extra_options"] = values.pop("extra_option")
+    try:
+        return BuildConfig(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = f" (in {source})" if source else ""
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        option = "--" + loc[0] if loc else "config"
+        option = {"--adapters": "--adapter", "--extra_options": "--extra_option", "--validate_bundle": "--validate"}.get(option, option)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            raise SlmopsUsageError(option, f"unknown option{where}; see `slmops build --help`") from exc
+        if msg.startswith("--"):
+            option, _, msg = msg.partition(": ")
+        if err["type"] == "literal_error" and option == "--precision":
+            msg = f"{msg}; PRECISIONS are {list(PRECISIONS)}"
+        raise SlmopsUsageError(option, f"{msg}{where}") from exc
+
+
+def load_build_yaml(path: str | Path) -> dict[str, Any]:
+    """A build YAML: any BuildConfig field; relative adapter paths resolve against the cwd, else the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlmopsUsageError("--config", f"'{path}' does not exist; pass a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SlmopsUsageError("--config", f"'{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SlmopsUsageError("--config", f"'{path}' must hold a mapping of options")
+    adapters = data.get("adapters")
+    if isinstance(adapters, dict):
+        resolved = {}
+        for name, value in adapters.items():
+            p = Path(str(value)).expanduser()
+            if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
+                p = path.parent / p
+            resolved[str(name)] = str(p)
+        data["adapters"] = resolved
+    return data
+
+
+# ---- build key ------------------------------------------------------------------------------
+def _dir_digest(folder: Path, names: list[str] | None = None, exclude_suffixes: tuple[str, ...] = ()) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if (names is not None and path.name not in names) or path.name.endswith(exclude_suffixes):
+            continue
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _code_digest() -> str:
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
+
+
+def build_key(config: BuildConfig, target: Target, modules: list[str], base_sha: str, model_dir: str | Path,
+              adapter_dirs: dict[str, Path]) -> str:
+    """Hash of everything that decides the bundle's content: options, inputs, producer versions, code."""
+    from slmops_build.bundle_writer import producer_versions
+
+    payload = {
+        "schema": SCHEMA_VERSION, "abi": ABI_VERSION, "target": dataclasses.asdict(target), "lora_modules": modules,
+        "merge": config.merge, "extra_options": config.extra_options,
+        "validation": [config.validate_bundle, config.validate_rows, config.validate_max_new_tokens,
+                       config.max_accuracy_drop, config.max_ppl_increase],
+        "base_weights": base_sha,
+        "base_files": _dir_digest(Path(model_dir), exclude_suffixes=(".safetensors", ".bin", ".gguf", ".pt")),
+        "adapters": {name: [_dir_digest(d), _dir_digest(d.parent, names=["run.json"])] for name, d in sorted(adapter_dirs.items())},
+        "producer": producer_versions(),
+        "code": _code_digest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_up_to_date(out: Path, key: str) -> bool:
+    if not (out / "bundle.json").is_file():
+        return False
+    try:
+        manifest = read_manifest(out)
+    except (BundleError, ValueError, OSError):
+        return False
+    return manifest.build_key == key and not verify_files(out, manifest)
+
+
+# ---- merge ----------------------------------------------------------------------------------
+def merge_adapter(model_dir: str | Path, adapter_dir: Path, out: Path) -> Path:
+    """base + PEFT adapter -> merged fp32 HF folder (peft ``merge_and_unload``)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmops_build.validate import quiet_transformers
+
+    quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(out)
+    return out
+
+
+# ---- the build ------------------------------------------------------------------------------
+def build_bundle(config: BuildConfig, console: Any = None) -> Path:
+    """Build (or find up to date) the bundle ``config`` describes; return its folder."""
+    from rich.console import Console
+
+    from slmops_build.adapters import convert_adapter, load_peft_adapter
+    from slmops_build.bundle_writer import base_model_info, write_manifest
+    from slmops_build.export import check_lora_modules, export_base_model
+    from slmops_build.quantize import check_precision
+    from slmops_build.validate import Bounds, BuildValidationError, validate_bundle
+
+    console = console or Console(stderr=True)
+    started = time.time()
+    target = config.resolve_target()
+    check_precision(target)
+    modules = check_lora_modules(config.lora_modules)
+    out = config.output_dir(target)
+    model_dir = resolve_model_path(config.model_name_or_path)
+    base = base_model_info(model_dir, config.model_name_or_path)
+    merge = config.merge is not None
+    adapters = {
+        name: load_peft_adapter(name, path, base.sha256, None if merge else modules, merge=merge)
+        for name, path in config.adapters.items()
+    }
+    key = build_key(config, target, modules, base.sha256, model_dir, {n: a.adapter_dir for n, a in adapters.items()})
+    if is_up_to_date(out, key):
+        console.print(f"[green]up to date[/] {out} (build key {key[:12]}); nothing to do")
+        return out
+
+    timings: dict[str, float] = {}
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        work = Path(tempfile.mkdtemp(prefix="slmops-build-"))
+        try:
+            t0 = time.time()
+            if merge:
+                assert config.merge is not None
+                console.print(f"merging adapter [bold]{config.merge}[/] into the base weights")
+                merged_dir = merge_adapter(model_dir, adapters[config.merge].adapter_dir, work / "merged")
+                template = export_base_model(merged_dir, tmp / "model", target, None, config.extra_options,
+                                             work_dir=work / "export", with_lora=False)
+            else:
+                console.print(f"exporting {base.name} for target [bold]{target.name}[/] ({target.precision}, LoRA inputs on {modules})")
+                template = export_base_model(model_dir, tmp / "model", target, modules, config.extra_options,
+                                             work_dir=work / "export")
+            timings["export_s"] = round(time.time() - t0, 2)
+
+            t0 = time.time()
+            infos: dict[str, AdapterInfo] = {}
+            onnx_adapters: dict[str, Any] = {}
+            if not merge:
+                for name, adapter in adapters.items():
+                    path = tmp / "adapters" / f"{name}.onnx_adapter"
+                    info = convert_adapter(adapter.adapter_dir, template, template.dtype, path, name=name)
+                    info.file = f"adapters/{name}.onnx_adapter"
+                    infos[name] = info
+                    onnx_adapters[name] = (adapter, path)
+            timings["convert_s"] = round(time.time() - t0, 2)
+
+            t0 = time.time()
+            if config.validate_bundle:
+                console.print("validating the bundle (onnxruntime-genai vs PyTorch)")
+                bounds = Bounds(rows=config.validate_rows, max_accuracy_drop=config.max_accuracy_drop,
+                                max_ppl_increase=config.max_ppl_increase, max_new_tokens=config.validate_max_new_tokens)
+                validation = validate_bundle(tmp, model_dir, template, target, onnx_adapters, bounds,
+                                             merged=adapters[config.merge] if config.merge else None)
+                if not validation["passed"]:
+                    raise BuildValidationError(validation["failures"], validation)
+            else:
+                validation = {"skipped": "--no-validate"}
+            timings["validate_s"] = round(time.time() - t0, 2)
+            for name, info in infos.items():
+                entry = validation.get("adapters", {}).get(name, {})
+                info.eval_metrics = {k: entry[k] for k in ("metric", "bundle", "pytorch", "drop_points", "token_agreement", "rows")
+                                     if k in entry}
+            timings["total_s"] = round(time.time() - started, 2)
+            build_info = {
+                "config": config.model_dump(exclude={"overwrite"}),
+                "model_path": str(model_dir),
+                "lora_modules": modules,
+                "builder_options": {**{k: str(v) for k, v in target.builder_options.items()}, **config.extra_options},
+                "session_options": target.session_options,
+                "timings": timings,
+            }
+            write_manifest(tmp, target, template, base, infos, validation, key, build_info,
+                           merged_adapter=config.merge)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out

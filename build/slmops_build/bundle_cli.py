@@ -1,0 +1,116 @@
+"""``slmops bundle inspect|verify DIR``: read a bundle's manifest; re-check every file and adapter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.group("bundle")
+def bundle_group() -> None:
+    """Inspect and verify bundles built by `slmops build`."""
+
+
+@bundle_group.command("inspect")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print bundle.json as JSON")
+def inspect_command(bundle_dir: Path, as_json: bool) -> None:
+    """Show a bundle's manifest: target, base model, files, adapter ABI, adapters, validation."""
+    from slmops.bundle import BundleError, read_manifest
+    from slmops_build.cli import print_summary, summary_console
+
+    try:
+        manifest = read_manifest(bundle_dir)
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(manifest.model_dump(), indent=2))
+        return
+    print_summary(bundle_dir, summary_console())
+
+
+def verify_bundle(bundle_dir: Path, load: bool = True) -> tuple[list[str], list[str]]:
+    """(problems, notes): re-hash every file, check the ABI and every adapter, load them in og."""
+    from slmops.bundle import BundleError, read_manifest, verify_files
+    from slmops.fsutil import sha256_file
+    from slmops.targets import TARGETS
+    from slmops_build.export import read_template
+    from slmops_build.validate import can_run, check_adapter_file
+
+    notes: list[str] = []
+    try:
+        manifest = read_manifest(bundle_dir)
+    except (BundleError, ValueError) as exc:
+        return [str(exc)], notes
+    problems = verify_files(bundle_dir, manifest)
+    on_disk = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()} - {"bundle.json"}
+    problems += [f"{rel}: not listed in bundle.json" for rel in sorted(on_disk - set(manifest.files))]
+    model_dir = bundle_dir / manifest.model_dir
+    template = manifest.lora_template
+    try:
+        graph_inputs = {i.name: i.shape for i in read_template(model_dir).inputs}
+        want = {i.name: i.shape for i in template.inputs}
+        if graph_inputs != want:
+            missing = sorted(set(want) - set(graph_inputs))
+            extra = sorted(set(graph_inputs) - set(want))
+            problems.append(f"model graph's LoRA inputs differ from the ABI in bundle.json (missing {missing[:3]}, extra {extra[:3]})")
+    except Exception as exc:  # noqa: BLE001 - unreadable graph
+        problems.append(f"{manifest.model_dir}/model.onnx cannot be read ({type(exc).__name__}: {str(exc)[:120]})")
+    for name, info in manifest.adapters.items():
+        path = bundle_dir / info.file
+        if not path.is_file():
+            problems.append(f"adapter {name}: {info.file} missing")
+            continue
+        if sha256_file(path) != info.sha256:
+            problems.append(f"adapter {name}: sha256 differs from bundle.json")
+        problems += [f"adapter {name}: {p}" for p in check_adapter_file(path, template)]
+    if problems or not load:
+        return problems, notes
+    target = TARGETS.get(manifest.target.name)
+    runnable, why = can_run(target) if target else (False, f"unknown target {manifest.target.name}")
+    if not runnable:
+        notes.append(f"not loaded in onnxruntime-genai: {why}")
+        return problems, notes
+    import onnxruntime_genai as og
+
+    try:
+        model = og.Model(str(model_dir))
+        adapters = og.Adapters(model)
+    except Exception as exc:  # noqa: BLE001
+        return [*problems, f"onnxruntime-genai cannot load the model: {exc}"], notes
+    for name, info in manifest.adapters.items():
+        try:
+            adapters.load(str(bundle_dir / info.file), name)
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=8, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.set_active_adapter(adapters, name)
+            generator.append_tokens([0, 1])
+            generator.generate_next_token()
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"adapter {name}: onnxruntime-genai cannot load or run it ({exc})")
+    notes.append(f"model and {len(manifest.adapters)} adapter(s) loaded in onnxruntime-genai")
+    return problems, notes
+
+
+@bundle_group.command("verify")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--no-load", is_flag=True, help="only re-hash files and check the ABI; do not load in onnxruntime-genai")
+def verify_command(bundle_dir: Path, no_load: bool) -> None:
+    """Re-hash every file, check the adapter ABI, load every adapter; exit 1 listing problems."""
+    from slmops_build.cli import summary_console
+
+    console: Any = summary_console()
+    problems, notes = verify_bundle(bundle_dir, load=not no_load)
+    for note in notes:
+        console.print(note)
+    if problems:
+        console.print(f"[red]{bundle_dir}: {len(problems)} problem(s)[/]")
+        for problem in problems:
+            console.print(f"  - {problem}")
+        sys.exit(1)
+    console.print(f"[green]{bundle_dir}: ok[/]")

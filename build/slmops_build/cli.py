@@ -1,0 +1,129 @@
+"""``slmops build``: base model + adapters -> a multi-adapter ONNX bundle for one target."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from slmops.targets import TARGETS
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def print_summary(bundle_dir: Path, console: Any) -> None:
+    """Files, adapters and validation figures of a bundle, as rich tables."""
+    from rich.table import Table
+
+    from slmops.bundle import read_manifest
+
+    manifest = read_manifest(bundle_dir)
+    t = manifest.target
+    console.print(f"[bold]{bundle_dir}[/]  target {t.name} ({t.execution_provider}, {t.precision}, adapters {t.adapter_dtype})  "
+                  f"base {manifest.base_model.name} sha256 {manifest.base_model.sha256[:12]}")
+    files = Table("file", "size", "sha256", title="files")
+    total = 0
+    for rel, sha in manifest.files.items():
+        size = (bundle_dir / rel).stat().st_size if (bundle_dir / rel).is_file() else 0
+        total += size
+        files.add_row(rel, human_size(size), sha[:12])
+    files.add_row("[bold]total[/]", f"[bold]{human_size(total)}[/]", "")
+    console.print(files)
+    abi = manifest.lora_template
+    if manifest.merged_adapter:
+        console.print(f"merged adapter: [bold]{manifest.merged_adapter}[/] (no LoRA inputs)")
+    else:
+        console.print(f"adapter ABI v{abi.abi_version}: {len(abi.inputs)} LoRA inputs over {abi.num_layers} layers, modules {abi.modules}, {abi.dtype}")
+    validation = manifest.validation
+    if manifest.adapters:
+        table = Table("adapter", "rank", "alpha", "modules", "metric", "bundle", "pytorch", "drop (pts)", "same tokens", title="adapters")
+        for name, info in manifest.adapters.items():
+            m = info.eval_metrics
+            table.add_row(name, str(info.rank), f"{info.alpha:g}", ",".join(info.target_modules), str(m.get("metric", "-")),
+                          _fmt(m.get("bundle")), _fmt(m.get("pytorch")), _fmt(m.get("drop_points")), _fmt(m.get("token_agreement")))
+        console.print(table)
+    if "skipped" in validation:
+        console.print(f"validation: skipped ({validation['skipped']})")
+    elif validation:
+        ppl = validation.get("perplexity") or {}
+        ppl_text = ", ".join(f"{k} {v}" for k, v in ppl.items() if k not in ("texts", "tokens")) if ppl else "-"
+        status = "[green]passed[/]" if validation.get("passed") else "[red]failed[/]"
+        extra = f" ({validation['reason']})" if validation.get("reason") else ""
+        console.print(f"validation {status}{extra}: perplexity {ppl_text}; {validation.get('seconds', '-')} s")
+
+
+def summary_console() -> Any:
+    """stdout console; wide enough for the tables when stdout is a file or pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@click.command("build", context_settings={"max_content_width": 120})
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML with any of these options (adapters: {name: path}, extra_options: {k: v}).")
+@click.option("--target", type=str, default=None, help=f"target profile: {', '.join(sorted(TARGETS))} (default cpu)")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None, help="olive-style: cpu -> cpu target, gpu -> cuda target")
+@click.option("--provider", type=str, default=None, help="olive-style: CPUExecutionProvider, CUDAExecutionProvider")
+@click.option("--precision", type=str, default=None, help="override the target's base precision: fp32, fp16, int8, int4")
+@click.option("-m", "--model_name_or_path", type=str, default=None, help="local HF folder, hub id, or 'default'")
+@click.option("--adapter", "adapter", multiple=True,
+              help="NAME=PATH of a PEFT adapter folder or train run folder (repeatable); a bare PATH is named after its run folder")
+@click.option("--merge", type=str, default=None, help="merge this adapter into the weights (one adapter, no LoRA inputs)")
+@click.option("--lora_modules", type=str, default=None, help="comma list of modules with runtime LoRA inputs (default all linear)")
+@click.option("-o", "--output_path", type=str, default=None, help="bundle folder (default dist/bundles/<target>)")
+@click.option("--overwrite/--no-overwrite", default=None, help="replace an existing bundle")
+@click.option("--extra_option", "extra_option", multiple=True, help="model builder option KEY=VALUE (repeatable), e.g. int4_algo_config=k_quant")
+@click.option("--validate/--no-validate", "validate", default=None, help="validate the bundle (default on)")
+@click.option("--validate_rows", type=int, default=None, help="eval rows per adapter for validation (default 32)")
+@click.option("--validate_max_new_tokens", type=int, default=None, help="tokens generated per validation row")
+@click.option("--max_accuracy_drop", type=float, default=None, help="fail above this accuracy/ROUGE-L drop in points (default 3)")
+@click.option("--max_ppl_increase", type=float, default=None, help="fail above this perplexity increase in percent (default 10)")
+def build_command(config_path: Path | None, **options: Any) -> None:
+    """Build a multi-adapter ONNX bundle: model/, adapters/<name>.onnx_adapter, bundle.json.
+
+    Example: slmops build --target cpu --adapter tone=runs/tone --adapter extract=runs/extract
+    """
+    from rich.console import Console
+
+    from slmops_build.build import build_bundle, build_config, load_build_yaml
+    from slmops_build.export import ExportError
+    from slmops_build.validate import BuildValidationError
+
+    values: dict[str, Any] = load_build_yaml(config_path) if config_path else {}
+    explicit = {k: v for k, v in options.items() if v is not None and v != ()}
+    if "adapter" in explicit:
+        values.pop("adapters", None)
+    if "extra_option" in explicit and isinstance(values.get("extra_options"), dict):
+        # CLI options add to (and win over) the YAML's.
+        from slmops_build.quantize import parse_extra_options
+
+        merged = {**values.pop("extra_options"), **parse_extra_options(explicit.pop("extra_option"))}
+        explicit["extra_options"] = merged
+    values.update(explicit)
+    config = build_config(values, source=str(config_path) if config_path else "")
+    err = Console(stderr=True)
+    try:
+        out = build_bundle(config, console=err)
+    except BuildValidationError as exc:
+        err.print("[red]bundle validation failed[/]; nothing was written:")
+        for failure in exc.failures:
+            err.print(f"  - {failure}")
+        sys.exit(1)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    print_summary(out, summary_console())

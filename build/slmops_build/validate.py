@@ -1,0 +1,409 @@
+"""Validate a built bundle before it is published.
+
+- Static (always, any target): every ``.onnx_adapter`` reads, its tensors are graph LoRA inputs of
+  the right dtype and shapes.
+- Functional (where the target's execution provider runs here): the bundle loads in
+  onnxruntime-genai, each adapter loads, generates, and changes the base model's output.
+- Parity vs PyTorch (+PEFT, fp32): task accuracy (label tasks) or ROUGE-L (free text) on the
+  adapter's own eval rows, re-rendered from its run.json; and base-model perplexity of the
+  bundle (target precision) vs fp32 on held-out text. The build fails when the accuracy drop
+  exceeds ``max_accuracy_drop`` points or perplexity rises more than ``max_ppl_increase`` percent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmops.bundle import LoraTemplate
+from slmops.targets import Target
+from slmops_build.adapters import PeftAdapter, read_onnx_adapter
+from slmops_build.export import MODEL_FILE, genai_config
+
+FALLBACK_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please book a table for two in Paris next Friday.",
+    "I can't believe it worked on the first try!",
+    "Small language models can run on edge devices.",
+]
+MAX_PPL_TOKENS = 256
+MAX_NEW_TOKENS_CAP = 64
+ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+
+
+class BuildValidationError(Exception):
+    """The bundle built but failed validation (accuracy drop, perplexity, broken adapter)."""
+
+    def __init__(self, failures: list[str], report: dict[str, Any]) -> None:
+        self.failures = failures
+        self.report = report
+        super().__init__("bundle validation failed: " + "; ".join(failures))
+
+
+@dataclass
+class Bounds:
+    rows: int = 32
+    max_accuracy_drop: float = 3.0  # points (percentage points of accuracy / ROUGE-L)
+    max_ppl_increase: float = 10.0  # percent
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class EvalSet:
+    prompts: list[str]
+    references: list[str]
+    label_task: bool
+    chat: bool
+    max_new_tokens: int
+    source: str
+    skipped: str | None = None
+    texts: list[str] = field(default_factory=list)  # prompt + answer, for perplexity
+
+
+# ---- static checks --------------------------------------------------------------------------
+def check_adapter_file(path: Path, template: LoraTemplate) -> list[str]:
+    """Problems of one ``.onnx_adapter`` against the bundle's ABI (empty = fits)."""
+    try:
+        arrays = read_onnx_adapter(path)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as any ORT error
+        return [f"{path.name}: cannot be read ({type(exc).__name__}: {str(exc)[:120]})"]
+    shapes = {i.name: i.shape for i in template.inputs}
+    problems = []
+    if not arrays:
+        problems.append(f"{path.name}: holds no tensors")
+    for name, array in arrays.items():
+        if name not in shapes:
+            problems.append(f"{path.name}: {name} is not a LoRA input of this bundle's ABI")
+            continue
+        if str(array.dtype) != template.dtype:
+            problems.append(f"{path.name}: {name} is {array.dtype}, the bundle expects {template.dtype}")
+        want = shapes[name]
+        if len(array.shape) != 2 or any(isinstance(w, int) and w != s for w, s in zip(want, array.shape, strict=False)):
+            problems.append(f"{path.name}: {name} has shape {list(array.shape)}, the bundle expects {want}")
+    return problems
+
+
+def can_run(target: Target) -> tuple[bool, str]:
+    """Whether this machine can run the target's execution provider."""
+    if target.execution_provider == "cpu":
+        return True, ""
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    if target.execution_provider == "cuda" and og.is_cuda_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return True, ""
+    return False, f"{target.provider} is not available on this machine; only static checks ran"
+
+
+# ---- eval data --------------------------------------------------------------------------------
+def eval_set(adapter: PeftAdapter | None, tokenizer: Any, bounds: Bounds) -> EvalSet:
+    """The adapter's eval rows rendered as in training (or generic prompts without a run)."""
+    fallback = EvalSet(prompts=FALLBACK_TEXTS[:2], references=[], label_task=False, chat=False,
+                       max_new_tokens=bounds.max_new_tokens or 16, source="fallback", texts=list(FALLBACK_TEXTS))
+    record = adapter.run_record() if adapter else None
+    if record is None:
+        fallback.skipped = "no run.json beside the adapter: accuracy parity skipped"
+        return fallback
+    try:
+        from slmops_train.config import TrainConfig
+        from slmops_train.data import ExampleRenderer, load_splits
+
+        config = TrainConfig(**record["config"])
+        _, eval_ds = load_splits(config)
+    except Exception as exc:  # noqa: BLE001 - data moved, config from another version ...
+        fallback.skipped = f"eval data of the run cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+        return fallback
+    if eval_ds is None or len(eval_ds) == 0:
+        fallback.skipped = "the run has no eval split"
+        return fallback
+    eval_ds = eval_ds.select(range(min(bounds.rows, len(eval_ds))))
+    renderer = ExampleRenderer(config, tokenizer, list(eval_ds.column_names))
+    prompts, refs, texts = [], [], []
+    for row in eval_ds:
+        prompt, answer, reference = renderer.render(row)
+        prompts.append(prompt)
+        refs.append(reference)
+        texts.append(prompt + answer.removesuffix(tokenizer.eos_token or "\0"))
+    label_task = (record.get("task") or {}).get("type") == "classification"
+    ref_tokens = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
+    max_new = bounds.max_new_tokens or config.eval_max_new_tokens or min(ref_tokens + 8, MAX_NEW_TOKENS_CAP)
+    return EvalSet(prompts=prompts, references=refs, label_task=label_task, chat=config.use_chat_template,
+                   max_new_tokens=max_new, source=f"{adapter.run_dir} ({config.eval_split})" if adapter else "", texts=texts)
+
+
+# ---- metrics ------------------------------------------------------------------------------
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def task_score(predictions: list[str], references: list[str], label_task: bool) -> tuple[str, float]:
+    """("accuracy", fraction) for label tasks, ("rouge_l", mean F) for free text."""
+    if not references:
+        return "none", 0.0
+    if label_task:
+        hits = sum(_normalize(p) == _normalize(r) for p, r in zip(predictions, references, strict=True))
+        return "accuracy", hits / len(references)
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    return "rouge_l", sum(scores) / len(scores)
+
+
+# ---- runners --------------------------------------------------------------------------------
+def _cut(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if tok in eos:
+            return tokens[:i]
+    return tokens
+
+
+def eos_ids(model_dir: Path) -> set[int]:
+    value = genai_config(model_dir)["model"].get("eos_token_id")
+    return set(value) if isinstance(value, list) else ({int(value)} if value is not None else set())
+
+
+class OgRunner:
+    """Greedy generation on the bundle with onnxruntime-genai, as the server runs it."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(model_dir))
+        self.adapters = og.Adapters(self.model)
+        self.eos = eos_ids(model_dir)
+
+    def load(self, name: str, path: Path) -> float:
+        started = time.perf_counter()
+        self.adapters.load(str(path), name)
+        return (time.perf_counter() - started) * 1000
+
+    def _generator(self, ids: list[int], max_new: int, adapter: str | None) -> Any:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        if adapter:
+            gen.set_active_adapter(self.adapters, adapter)
+        gen.append_tokens(ids)
+        return gen
+
+    def generate(self, ids: list[int], max_new: int, adapter: str | None = None) -> list[int]:
+        gen = self._generator(ids, max_new, adapter)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return _cut([int(t) for t in gen.get_sequence(0)[len(ids):]], self.eos)
+
+    def last_logits(self, ids: list[int], adapter: str | None = None) -> Any:
+        import numpy as np
+
+        gen = self._generator(ids, 1, adapter)
+        return np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1)
+
+
+class OrtScorer:
+    """Full-sequence logits of the bundle's graph with onnxruntime (rank-0 LoRA defaults = base)."""
+
+    def __init__(self, model_dir: Path, threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        decoder = genai_config(model_dir)["model"]["decoder"]
+        self.head_size = int(decoder["head_size"])
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
+
+    def logits(self, ids: list[int]) -> Any:
+        import numpy as np
+
+        arr = np.array([ids], dtype=np.int64)
+        feeds: dict[str, Any] = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
+        for item in self.past:
+            dtype = ONNX_TYPES.get(item.type, "float32")
+            feeds[item.name] = np.zeros((1, item.shape[1], 0, self.head_size), dtype=dtype)
+        return self.session.run(["logits"], feeds)[0][0].astype(np.float32)
+
+
+def _nll(logits: Any, ids: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[1:] given logits [len, vocab] (float64 math)."""
+    import numpy as np
+
+    lg = np.asarray(logits[:-1], dtype=np.float64)
+    target = np.asarray(ids[1:])
+    lg = lg - lg.max(axis=-1, keepdims=True)
+    logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(target)), target].sum()), len(target)
+
+
+def _ppl(pairs: list[tuple[float, int]]) -> float:
+    total = sum(p[0] for p in pairs)
+    count = sum(p[1] for p in pairs)
+    return math.exp(total / count) if count else float("nan")
+
+
+# ---- the whole validation ------------------------------------------------------------------
+def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTemplate, target: Target,
+                    adapters: dict[str, tuple[PeftAdapter, Path]], bounds: Bounds,
+                    merged: PeftAdapter | None = None) -> dict[str, Any]:
+    """Run every check; return the report (``passed``, ``failures`` and all figures).
+
+    ``adapters``: name -> (checked PEFT adapter, its ``.onnx_adapter`` in the bundle).
+    ``merged``: the adapter merged into the weights of a merged bundle (compared to base+PEFT).
+    """
+    started = time.time()
+    model_dir = bundle_dir / "model"
+    report: dict[str, Any] = {"rows": bounds.rows, "max_accuracy_drop_points": bounds.max_accuracy_drop,
+                              "max_ppl_increase_pct": bounds.max_ppl_increase, "adapters": {}}
+    failures: list[str] = []
+    for name, (_, path) in adapters.items():
+        problems = check_adapter_file(path, template)
+        report["adapters"][name] = {"static_ok": not problems}
+        failures += [f"adapter {name}: {p}" for p in problems]
+    runnable, why = can_run(target)
+    if failures or not runnable:
+        report.update(functional="skipped", reason=why or "static checks failed")
+        return _finish(report, failures, started)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_model_dir))
+    runner = OgRunner(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32)
+    base.eval()
+    peft_model = _load_peft(base, {n: a for n, (a, _) in adapters.items()} if not merged else {merged.name: merged})
+    eos = runner.eos
+
+    def encode(text: str, chat: bool) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+
+    @torch.no_grad()
+    def torch_generate(ids: list[int], max_new: int) -> list[int]:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(eos) or None,
+                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        model = peft_model if peft_model is not None else base
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             generation_config=config)
+        return _cut([int(t) for t in out[0, len(ids):]], eos)
+
+    def decode(tokens: list[int]) -> str:
+        return str(tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+
+    texts: list[tuple[str, bool]] = []
+    checks: list[tuple[str, PeftAdapter, Path | None]] = [(n, a, p) for n, (a, p) in adapters.items()]
+    if merged is not None:
+        checks = [(merged.name, merged, None)]
+    for name, adapter, onnx_path in checks:
+        entry = report["adapters"].setdefault(name, {})
+        data = eval_set(adapter, tokenizer, bounds)
+        texts += [(t, data.chat) for t in data.texts]
+        active = None
+        if onnx_path is not None:
+            try:
+                entry["load_ms"] = round(runner.load(name, onnx_path), 3)
+                active = name
+            except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with its message
+                failures.append(f"adapter {name}: onnxruntime-genai cannot load it ({exc})")
+                continue
+        if peft_model is not None:
+            peft_model.set_adapter(name)
+        prompt_ids = [encode(p, data.chat) for p in data.prompts]
+        t0 = time.time()
+        bundle_tokens = [runner.generate(ids, data.max_new_tokens, active) for ids in prompt_ids]
+        entry["bundle_generate_s"] = round(time.time() - t0, 3)
+        torch_tokens = [torch_generate(ids, data.max_new_tokens) for ids in prompt_ids]
+        entry["rows"] = len(prompt_ids)
+        entry["eval_source"] = data.source
+        entry["token_agreement"] = sum(a == b for a, b in zip(bundle_tokens, torch_tokens, strict=True)) / max(len(prompt_ids), 1)
+        if active is not None:
+            base_tokens = [runner.generate(ids, data.max_new_tokens, None) for ids in prompt_ids]
+            diff = float(abs(runner.last_logits(prompt_ids[0], active) - runner.last_logits(prompt_ids[0], None)).max())
+            entry["logit_max_abs_diff_vs_base"] = diff
+            entry["answers_differing_from_base"] = sum(a != b for a, b in zip(bundle_tokens, base_tokens, strict=True))
+            if not diff > 0:
+                failures.append(f"adapter {name}: leaves the base model's logits unchanged (LoRA inputs not fed?)")
+        entry["sample"] = {"prompt": data.prompts[0][-160:], "bundle": decode(bundle_tokens[0]), "pytorch": decode(torch_tokens[0])}
+        if data.skipped:
+            entry["parity"] = f"skipped: {data.skipped}"
+            continue
+        metric, bundle_score = task_score([decode(t) for t in bundle_tokens], data.references, data.label_task)
+        _, torch_score = task_score([decode(t) for t in torch_tokens], data.references, data.label_task)
+        drop = (torch_score - bundle_score) * 100
+        entry.update(metric=metric, bundle=round(bundle_score, 4), pytorch=round(torch_score, 4), drop_points=round(drop, 2))
+        if drop > bounds.max_accuracy_drop:
+            failures.append(f"adapter {name}: {metric} {bundle_score:.3f} on the bundle vs {torch_score:.3f} in PyTorch "
+                            f"(drop {drop:.1f} points > {bounds.max_accuracy_drop})")
+
+    # Perplexity: the bundle's base model (rank-0 LoRA defaults, or the merged weights) vs fp32.
+    if not texts:
+        texts = [(t, False) for t in FALLBACK_TEXTS]
+    scorer = OrtScorer(model_dir, threads=int(target.session_options.get("intra_op_num_threads", 2)))
+    seen: set[str] = set()
+    onnx_nll, torch_nll = [], []
+    for text, chat in texts:
+        if text in seen:
+            continue
+        seen.add(text)
+        ids = encode(text, chat)[:MAX_PPL_TOKENS]
+        if len(ids) < 2:
+            continue
+        onnx_nll.append(_nll(scorer.logits(ids), ids))
+        with torch.no_grad():
+            if peft_model is not None and merged is None:
+                with peft_model.disable_adapter():
+                    logits = peft_model(input_ids=torch.tensor([ids])).logits[0]
+            else:
+                logits = (peft_model or base)(input_ids=torch.tensor([ids])).logits[0]
+        torch_nll.append(_nll(logits.float().numpy(), ids))
+    ppl_bundle, ppl_fp32 = _ppl(onnx_nll), _ppl(torch_nll)
+    increase = (ppl_bundle / ppl_fp32 - 1) * 100
+    report["perplexity"] = {"texts": len(onnx_nll), "tokens": sum(n for _, n in onnx_nll), "fp32": round(ppl_fp32, 4),
+                            target.precision: round(ppl_bundle, 4), "increase_pct": round(increase, 3)}
+    if not increase <= bounds.max_ppl_increase:
+        failures.append(f"perplexity {ppl_bundle:.3f} ({target.precision}) vs {ppl_fp32:.3f} (fp32): +{increase:.1f}% > {bounds.max_ppl_increase}%")
+    report["functional"] = "ran"
+    return _finish(report, failures, started)
+
+
+def quiet_transformers() -> None:
+    """No weight-loading bars or deprecation chatter from transformers during a build."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def _load_peft(base: Any, adapters: dict[str, PeftAdapter]) -> Any:
+    if not adapters:
+        return None
+    from peft import PeftModel
+
+    model = None
+    for name, adapter in adapters.items():
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(adapter.adapter_dir), adapter_name=name)
+        else:
+            model.load_adapter(str(adapter.adapter_dir), adapter_name=name)
+    assert model is not None
+    model.eval()
+    return model
+
+
+def _finish(report: dict[str, Any], failures: list[str], started: float) -> dict[str, Any]:
+    report["failures"] = failures
+    report["passed"] = not failures
+    report["seconds"] = round(time.time() - started, 2)
+    return report
