@@ -84,6 +84,10 @@ class BundleManifest(BaseModel):
     merged_adapter: str | None = None
     producer: dict[str, str] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
+    # Hash of the build config and every input's checksum: a rebuild with the same key is skipped.
+    build_key: str | None = None
+    # How it was built: the resolved build options and timings (informational).
+    build: dict[str, Any] = Field(default_factory=dict)
 
     def write(self, bundle_dir: Path) -> None:
         (Path(bundle_dir) / BUNDLE_JSON).write_text(json.dumps(self.model_dump(), indent=2) + "\n")

@@ -6,10 +6,10 @@ stays light.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
-import importlib.util
 from pathlib import Path
 
 from slmops.defaults import (

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slmops_train.config import build_config, configs_from_yaml
 
 from slmops.errors import SlmopsUsageError
-from slmops_train.config import build_config, configs_from_yaml
 
 
 def test_split_slices_are_accepted_and_bad_slices_name_the_option() -> None:

@@ -1,10 +1,10 @@
 from pathlib import Path
 
 import pytest
-
-from slmops.errors import SlmopsUsageError
 from slmops_train.config import build_config
 from slmops_train.data import IGNORE_INDEX, Collator, ExampleRenderer, load_splits, pack_dataset, prepare_data
+
+from slmops.errors import SlmopsUsageError
 from tests.conftest import write_jsonl
 
 

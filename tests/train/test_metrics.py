@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 from slmops_train.metrics import classification_metrics, generation_metrics, is_label_task, perplexity
 
 

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from slmops.errors import SlmopsUsageError
 from slmops_train.config import build_config
 from slmops_train.recipe import load_model, train
+
+from slmops.errors import SlmopsUsageError
 from tests.conftest import REPO
 
 
@@ -129,7 +129,6 @@ def test_packing_trains(base_args) -> None:
 def test_qlora_lowers_loss_with_nonzero_lora_gradients(base_args, tiny_data) -> None:
     """On CPU, bitsandbytes 4-bit layers silently give no gradients in eval mode: check both."""
     import torch
-
     from slmops_train.data import Collator, prepare_data
     from transformers import AutoTokenizer
 
@@ -162,7 +161,6 @@ def test_qlora_through_the_trainer(base_args) -> None:
 
 def test_hyperparameter_search_keeps_the_best_trial(base_args, tmp_path) -> None:
     import yaml
-
     from slmops_train.search import run_search
 
     (tmp_path / "search.yaml").write_text(yaml.safe_dump({
@@ -192,7 +190,7 @@ def test_two_process_ddp_on_cpu(base_args, tmp_path) -> None:
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "slmops.cli", "train", "-c", str(tmp_path / "ddp.yaml")],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )

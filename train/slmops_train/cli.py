@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from pathlib import Path
@@ -77,6 +78,8 @@ def train_command(config_path: Path | None, search_path: Path | None, only: tupl
         configs = [c for c in configs if c.run_name() in only]
     for cfg in configs:
         result = train(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue
         shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
         perf = result.record["performance"]
         console.print(

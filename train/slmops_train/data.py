@@ -148,7 +148,7 @@ class ExampleRenderer:
                 if not name or name not in columns:
                     raise SlmopsUsageError(opt, f"'{name}' is not a data column {columns}; name the {opt[2:]} column")
         else:
-            self.text_field = config.text_field or ("text" if "text" in columns else None)
+            self.text_field: str = config.text_field or "text"
             if self.text_field not in columns:
                 raise SlmopsUsageError(
                     "--text_template",
@@ -232,7 +232,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     train, _, refs, dropped = tokenize_split(train_raw)
     if len(train) == 0:
         raise SlmopsUsageError("--max_seq_len", f"{config.max_seq_len} truncates every answer away; raise it")
-    eval_ds, eval_examples = None, []
+    eval_ds: Any = None
+    eval_examples: list[dict[str, str]] = []
     if eval_raw is not None:
         eval_ds, eval_examples, _, _ = tokenize_split(eval_raw)
     if config.packing:

@@ -94,10 +94,8 @@ def load_model(config: TrainConfig, model_path: str) -> Any:
             targets = "all-linear"
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=targets, use_rslora=config.use_rslora, bias="none", task_type="CAUSAL_LM",
-    )
+    lora_kwargs: dict[str, Any] = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
+    lora = LoraConfig(**lora_kwargs, target_modules=targets, use_rslora=config.use_rslora, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -137,20 +135,21 @@ def _trainer_class() -> Any:
 
         def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
             output = super().evaluation_loop(*args, **kwargs)
+            metrics: dict[str, float] = output.metrics if output.metrics is not None else {}
             prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-            if f"{prefix}_loss" in output.metrics:
-                output.metrics[f"{prefix}_perplexity"] = perplexity(output.metrics[f"{prefix}_loss"])
+            if f"{prefix}_loss" in metrics:
+                metrics[f"{prefix}_perplexity"] = perplexity(metrics[f"{prefix}_loss"])
             if self.eval_examples:
                 self.last_predictions = self.generate_answers([e["prompt"] for e in self.eval_examples])
                 refs = [e["reference"] for e in self.eval_examples]
                 for key, value in task_metrics(self.last_predictions, refs, self.label_task).items():
-                    output.metrics[f"{prefix}_{key}"] = value
+                    metrics[f"{prefix}_{key}"] = value
             return output
 
         @torch.no_grad()
         def generate_answers(self, prompts: list[str], batch_size: int = 16) -> list[str]:
             tok = self.gen_tokenizer
-            model = self.model
+            model: Any = self.model
             was_training = model.training
             model.eval()
             tok.padding_side = "left"
@@ -177,7 +176,14 @@ def _trainer_class() -> Any:
 
 
 def _progress_callback() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers import TrainerCallback
 
     class RichProgressCallback(TrainerCallback):
@@ -279,6 +285,7 @@ def train(config: TrainConfig) -> RunResult:
         raise SlmopsUsageError("--save_steps", f"{save_steps} must be a multiple of --eval_steps {eval_steps} to keep the best checkpoint")
     metric = config.metric_for_best_model if config.metric_for_best_model.startswith("eval_") else f"eval_{config.metric_for_best_model}"
 
+    checkpointing: dict[str, Any] = {_checkpointing_arg(): config.gradient_checkpointing and config.method != "qlora"}
     args = TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=config.max_steps,
@@ -290,7 +297,7 @@ def train(config: TrainConfig) -> RunResult:
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        **{_checkpointing_arg(): config.gradient_checkpointing and config.method != "qlora"},
+        **checkpointing,
         logging_steps=config.logging_steps,
         eval_strategy="steps" if eval_during else "no",
         eval_steps=eval_steps if eval_during else None,
@@ -342,7 +349,7 @@ def train(config: TrainConfig) -> RunResult:
     final_metrics: dict[str, float] = trainer.evaluate() if data.eval is not None else {}
     tokens = collator.tokens_seen * world_size
 
-    record = {
+    record: dict[str, Any] = {
         "schema_version": RUN_SCHEMA_VERSION,
         "name": config.run_name(),
         "status": "completed",
@@ -355,7 +362,7 @@ def train(config: TrainConfig) -> RunResult:
             "architecture": (model.base_model.model.config.architectures or [None])[0],
         },
         "adapter": {"method": config.method, "r": config.lora_r, "alpha": config.lora_alpha,
-                    "target_modules": sorted(model.peft_config["default"].target_modules),
+                    "target_modules": sorted({m.split(".")[-1] for m in model.peft_config["default"].target_modules}),
                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
         "dataset": {**data.fingerprint, "dropped_rows": data.dropped, "packed_rows": len(data.train) if config.packing else None},
         "task": {"type": "classification" if label_task else "generation", "labels": data.labels if label_task else []},
@@ -421,7 +428,8 @@ def write_loss_curve(log_history: list[dict[str, Any]], path: Path, title: str) 
     ax.set_ylabel("loss")
     ax.set_title(f"slmops train: {title}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
