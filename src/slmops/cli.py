@@ -18,6 +18,9 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("slmops.model_cli:model_group", "Prepare and inspect base models."),
     "build": ("slmops_build.cli:build_command", "Build a multi-adapter ONNX bundle for a hardware target."),
     "bundle": ("slmops_build.bundle_cli:bundle_group", "Inspect and verify bundles."),
+    "serve": ("slmops_serve.cli:serve_command", "Serve a bundle over gRPC with hot-swappable adapters."),
+    "generate": ("slmops_serve.cli:generate_command", "Generate text from a running server (client)."),
+    "adapters": ("slmops_serve.cli:adapters_group", "List, load and unload adapters on a running server (client)."),
 }
 
 
