@@ -60,11 +60,12 @@ def print_summary(bundle_dir: Path, console: Any) -> None:
         console.print(f"validation {status}{extra}: perplexity {ppl_text}; {validation.get('seconds', '-')} s")
 
 
-def summary_console() -> Any:
-    """stdout console; wide enough for the tables when stdout is a file or pipe."""
+def summary_console(stderr: bool = False) -> Any:
+    """A rich console on stdout (or stderr); wide lines when it is a file or pipe."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=160)
 
 
 def _fmt(value: Any) -> str:
@@ -98,8 +99,6 @@ def build_command(config_path: Path | None, **options: Any) -> None:
 
     Example: slmops build --target cpu --adapter tone=runs/tone --adapter extract=runs/extract
     """
-    from rich.console import Console
-
     from slmops_build.build import build_bundle, build_config, load_build_yaml
     from slmops_build.export import ExportError
     from slmops_build.validate import BuildValidationError
@@ -116,7 +115,7 @@ def build_command(config_path: Path | None, **options: Any) -> None:
         explicit["extra_options"] = merged
     values.update(explicit)
     config = build_config(values, source=str(config_path) if config_path else "")
-    err = Console(stderr=True)
+    err = summary_console(stderr=True)
     try:
         out = build_bundle(config, console=err)
     except BuildValidationError as exc:

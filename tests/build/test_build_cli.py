@@ -200,3 +200,39 @@ def test_merge_builds_a_single_adapter_bundle_without_lora_inputs(tiny_model_dir
     entry = manifest.validation["adapters"]["tone"]
     assert manifest.validation["passed"] and entry["token_agreement"] == 1.0 and entry["drop_points"] == 0
     assert abs(manifest.validation["perplexity"]["increase_pct"]) < 0.1
+
+
+def test_yaml_config_with_cli_overrides(tiny_model_dir: Path, tiny_runs: dict[str, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """-c build.yaml: adapters relative to the file, extra_options as a mapping; the CLI wins."""
+    from slmops.cli import main
+
+    monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")
+    shutil.copytree(tiny_runs["tone"], tmp_path / "runs" / "tone")
+    (tmp_path / "build.yaml").write_text(
+        f"model_name_or_path: {tiny_model_dir}\nprecision: int8\nadapters:\n  tone: runs/tone\n"
+        "extra_options:\n  int4_block_size: 32\nvalidate: false\nlora_modules: q_proj,v_proj\n")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path.parent)
+    main(["build", "-c", str(tmp_path / "build.yaml"), "--precision", "fp32", "-o", str(out)])
+    manifest = read_manifest(out)
+    assert manifest.target.precision == "fp32" and manifest.validation == {"skipped": "--no-validate"}
+    assert manifest.lora_template.modules == ["q_proj", "v_proj"] and len(manifest.lora_template.inputs) == 8
+    assert manifest.build["builder_options"]["int4_block_size"] == "32"
+    assert list(manifest.adapters) == ["tone"]
+    assert "tone" in capsys.readouterr().out
+
+
+def test_failed_validation_exits_1_and_writes_nothing(tiny_model_dir: Path, tiny_runs: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import slmops_build.validate as validate
+
+    def failing(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"passed": False, "failures": ["adapter tone: accuracy 0.500 on the bundle vs 0.900 in PyTorch (drop 40.0 points > 3.0)"]}
+
+    monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")
+    monkeypatch.setattr(validate, "validate_bundle", failing)
+    out = tmp_path / "dist" / "cpu"
+    code, err = _main(["build", "-m", str(tiny_model_dir), "--adapter", f"tone={tiny_runs['tone']}", "-o", str(out)], capsys)
+    assert code == 1 and "drop 40.0 points" in err and "nothing was written" in err
+    assert not out.exists() and list(out.parent.iterdir()) == []
