@@ -1,0 +1,271 @@
+"""``slmops serve`` (the server), ``slmops generate`` and ``slmops adapters`` (clients of a running server)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from slmops.errors import SlmopsUsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# CLI option -> ServeConfig field, where the names differ.
+SERVE_OPTION_FIELDS = {
+    "watch_interval": "watch_interval_s", "grace_period": "grace_period_s",
+    "unload_drain_timeout": "unload_drain_timeout_s", "max_new_tokens_limit": "max_new_tokens_limit",
+}
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise SlmopsUsageError("--config", f"'{path}' does not exist; pass a YAML file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SlmopsUsageError("--config", f"'{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SlmopsUsageError("--config", f"'{path}' must hold a mapping of serve options")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("bundle_dir", required=False, type=click.Path(file_okay=False))
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="YAML of these options (the CLI wins)")
+@click.option("--host", default=None, help="address to bind  [default: 0.0.0.0]")
+@click.option("--port", type=int, default=None, help="gRPC port, 0 = any free  [default: 50051]")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus /metrics port  [default: 9090]")
+@click.option("--no-metrics", is_flag=True, help="do not serve /metrics")
+@click.option("--workers", type=int, default=None, help="generations at once  [default: 1]")
+@click.option("--max-queue", type=int, default=None, help="requests waiting beyond the workers; more get RESOURCE_EXHAUSTED  [default: 16]")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the bundle's genai_config.json)")
+@click.option("--max-new-tokens-limit", type=int, default=None, help="largest max_new_tokens a request may ask  [default: 1024]")
+@click.option("--default-max-new-tokens", type=int, default=None, help="for requests that leave it 0  [default: 256]")
+@click.option("--adapter-dir", default=None, help="folder LoadAdapter(path) may read  [default: BUNDLE_DIR/adapters]")
+@click.option("--watch/--no-watch", default=None, help="load .onnx_adapter files dropped into --adapter-dir")
+@click.option("--watch-interval", type=float, default=None, help="seconds between --watch polls  [default: 1.0]")
+@click.option("--max-upload-bytes", type=int, default=None, help="largest uploaded adapter  [default: 256 MiB]")
+@click.option("--unload-drain-timeout", type=float, default=None, help="seconds UnloadAdapter waits for in-flight requests  [default: 30]")
+@click.option("--grace-period", type=float, default=None, help="seconds in-flight requests get on SIGTERM  [default: 30]")
+@click.option("--admin-token", default=None, envvar="SLMOPS_ADMIN_TOKEN", show_envvar=True,
+              help="bearer token the Adapters service requires")
+@click.option("--tls-cert", default=None, help="PEM certificate: serve TLS (with --tls-key)")
+@click.option("--tls-key", default=None, help="PEM private key of --tls-cert")
+@click.option("--verify-bundle/--no-verify-bundle", default=None, help="re-hash bundle files at start  [default: verify]")
+@click.option("--log-level", default=None, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.pass_context
+def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str | None, no_metrics: bool, **options: Any) -> None:
+    """Serve BUNDLE_DIR (from `slmops build`) over gRPC: slmops.v1.Generation and Adapters, health,
+    reflection, Prometheus metrics. Adapters load, replace and unload while serving."""
+    from slmops_serve.config import serve_config
+
+    values = _load_yaml(config_file) if config_file else {}
+    for key, value in options.items():
+        if value is not None:
+            values[SERVE_OPTION_FIELDS.get(key, key)] = value
+    if bundle_dir is not None:
+        values["bundle_dir"] = bundle_dir
+    if not values.get("bundle_dir"):
+        raise SlmopsUsageError("BUNDLE_DIR", "missing; pass the bundle folder (e.g. dist/bundles/cpu)")
+    if no_metrics:
+        values["metrics_port"] = None
+    config = serve_config(values)
+
+    from slmops.bundle import BundleError, read_manifest
+
+    try:
+        read_manifest(config.bundle_path)
+    except (BundleError, ValueError) as exc:
+        raise SlmopsUsageError("BUNDLE_DIR", str(exc)) from exc
+    from slmops_serve.server import serve
+
+    try:
+        code = serve(config)
+    except RuntimeError as exc:
+        if "bind" in str(exc).lower() or "port" in str(exc).lower():
+            raise SlmopsUsageError("--port", f"cannot listen on {config.host}:{config.port} ({exc}); choose another port") from exc
+        raise
+    ctx.exit(code)
+
+
+# ---- clients ------------------------------------------------------------------------------------
+def client_options(func: F) -> F:
+    """--server, --token, --tls, --ca-cert, --timeout, shared by every client command."""
+    decorators = [
+        click.option("--server", envvar="SLMOPS_SERVER", default="localhost:50051", show_default=True,
+                     help="host:port of `slmops serve` (or $SLMOPS_SERVER)"),
+        click.option("--tls", is_flag=True, help="connect with TLS (system CAs unless --ca-cert)"),
+        click.option("--ca-cert", default=None, help="PEM CA certificate that signed the server's (implies --tls)"),
+        click.option("--timeout", type=float, default=120.0, show_default=True, help="deadline of the call, seconds"),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def token_option(func: F) -> F:
+    return click.option("--token", envvar="SLMOPS_ADMIN_TOKEN", default=None,
+                        help="admin bearer token (or $SLMOPS_ADMIN_TOKEN)")(func)
+
+
+def _client(server: str, tls: bool, ca_cert: str | None, timeout: float, token: str | None = None) -> Any:
+    from slmops_serve.client import SlmopsClient
+
+    return SlmopsClient(server, token=token, tls=tls, ca_cert=ca_cert, timeout=timeout)
+
+
+def _rpc_error(exc: Any, server: str) -> click.ClickException:
+    import grpc
+
+    code = exc.code() if hasattr(exc, "code") else None
+    if code == grpc.StatusCode.UNAVAILABLE and "not ready" not in (exc.details() or ""):
+        return click.ClickException(f"cannot reach the server at {server} ({exc.details()}); is `slmops serve` running?")
+    return click.ClickException(f"{code.name if code else 'ERROR'}: {exc.details() if hasattr(exc, 'details') else exc}")
+
+
+FINISH_NAMES = {0: "", 1: "eos", 2: "length", 3: "stop"}
+
+
+@click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("prompt")
+@click.option("--adapter", default="", help="adapter name ('' = base model)")
+@click.option("--stream", is_flag=True, help="print tokens as they arrive (GenerateStream)")
+@click.option("--chat", is_flag=True, help="send PROMPT as a user chat message (the bundle's chat template)")
+@click.option("--system", default=None, help="system message (implies --chat)")
+@click.option("--max-new-tokens", type=int, default=0, help="0 = the server default")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=0)
+@click.option("--seed", type=int, default=None, help="same seed, same text")
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print the whole response as JSON")
+@client_options
+def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system: str | None, max_new_tokens: int,
+                     temperature: float, top_p: float | None, top_k: int, seed: int | None, stop: tuple[str, ...],
+                     as_json: bool, server: str, tls: bool, ca_cert: str | None, timeout: float) -> None:
+    """Generate text for PROMPT ('-' reads stdin) on a running server."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    kwargs: dict[str, Any] = dict(adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, seed=seed, stop=list(stop))
+    if chat or system:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        kwargs["messages"] = messages
+        text_prompt = None
+    else:
+        text_prompt = prompt
+    with _client(server, tls, ca_cert, timeout) as client:
+        try:
+            if stream:
+                last = None
+                for chunk in client.generate_stream(text_prompt, **kwargs):
+                    if as_json:
+                        click.echo(json.dumps(MessageToDict(chunk, preserving_proto_field_name=True)))
+                    else:
+                        click.echo(chunk.text, nl=False)
+                        sys.stdout.flush()
+                    last = chunk
+                if not as_json:
+                    click.echo()
+                if last is not None:
+                    click.echo(f"[{FINISH_NAMES.get(last.finish_reason, '')}, {last.usage.completion_tokens} tokens, "
+                               f"ttft {last.timings.time_to_first_token_ms:.0f} ms]", err=True)
+            else:
+                response = client.generate(text_prompt, **kwargs)
+                if as_json:
+                    click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+                else:
+                    click.echo(response.text)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, server) from exc
+
+
+@click.group("adapters", context_settings={"help_option_names": ["-h", "--help"]})
+def adapters_group() -> None:
+    """List, load (or replace) and unload adapters on a running server."""
+
+
+@adapters_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@client_options
+@token_option
+def adapters_list(as_json: bool, server: str, tls: bool, ca_cert: str | None, timeout: float, token: str | None) -> None:
+    """Loaded adapters: name, sha256, source, rank, in-flight and total requests."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(server, tls, ca_cert, timeout, token) as client:
+        try:
+            adapters = client.list_adapters()
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, server) from exc
+    if as_json:
+        click.echo(json.dumps([MessageToDict(a, preserving_proto_field_name=True) for a in adapters], indent=2))
+        return
+    if not adapters:
+        click.echo("no adapters loaded")
+        return
+    rows = [("NAME", "SHA256", "SOURCE", "RANK", "IN_FLIGHT", "REQUESTS")] + [
+        (a.name, a.sha256[:12], a.source, str(a.rank), str(a.in_flight), str(a.requests_total)) for a in adapters]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@adapters_group.command("load")
+@click.argument("name")
+@click.argument("path")
+@click.option("--remote", is_flag=True, help="PATH is a file in the SERVER's adapter directory (default: upload a local file)")
+@click.option("--sha256", default="", help="expected sha256; the server refuses a mismatch")
+@client_options
+@token_option
+def adapters_load(name: str, path: str, remote: bool, sha256: str, server: str, tls: bool, ca_cert: str | None,
+                  timeout: float, token: str | None) -> None:
+    """Load NAME from PATH (a local .onnx_adapter, uploaded); an existing NAME is replaced atomically."""
+    import grpc
+
+    if not remote and not Path(path).is_file():
+        raise SlmopsUsageError("PATH", f"'{path}' is not a local file; pass --remote for a file in the server's adapter directory")
+    with _client(server, tls, ca_cert, timeout, token) as client:
+        try:
+            if remote:
+                response = client.load_adapter(name, path=path, sha256=sha256)
+            else:
+                response = client.upload_adapter(name, path, sha256=sha256)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, server) from exc
+    adapter = response.adapter
+    if response.unchanged:
+        click.echo(f"{name}: already loaded with sha256 {adapter.sha256[:12]}; nothing to do")
+    elif response.replaced:
+        click.echo(f"{name}: replaced {response.previous_sha256[:12]} -> {adapter.sha256[:12]} "
+                   f"(rank {adapter.rank}, {response.load_ms:.1f} ms)")
+    else:
+        click.echo(f"{name}: loaded {adapter.sha256[:12]} (rank {adapter.rank}, {response.load_ms:.1f} ms)")
+
+
+@adapters_group.command("unload")
+@click.argument("name")
+@client_options
+@token_option
+def adapters_unload(name: str, server: str, tls: bool, ca_cert: str | None, timeout: float, token: str | None) -> None:
+    """Unload NAME: new requests get NOT_FOUND at once; returns after in-flight ones finish."""
+    import grpc
+
+    with _client(server, tls, ca_cert, timeout, token) as client:
+        try:
+            response = client.unload_adapter(name)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, server) from exc
+    state = "drained" if response.drained else "still in use by in-flight requests; freed when they finish"
+    click.echo(f"{name}: unloaded {response.sha256[:12]} ({state})")

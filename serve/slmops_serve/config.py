@@ -1,0 +1,92 @@
+"""ServeConfig: every option of ``slmops serve``, built alike by the CLI, a YAML file and the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slmops.errors import SlmopsUsageError
+
+ADMIN_TOKEN_ENV = "SLMOPS_ADMIN_TOKEN"
+
+
+class ServeConfig(BaseModel):
+    """Options of one server. Field names are the CLI option names (``--max_queue`` / ``--max-queue``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle_dir: str = Field(description="bundle folder written by `slmops build` (model/, adapters/, bundle.json)")
+    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
+    metrics_port: int | None = Field(9090, ge=0, le=65535, description="Prometheus /metrics port (None = off, 0 = any free port)")
+    workers: int = Field(1, ge=1, le=64, description="generations that run at once (one og.Generator each)")
+    max_queue: int = Field(16, ge=0, le=10_000, description="requests that may wait for a worker; beyond it RESOURCE_EXHAUSTED")
+    threads: int | None = Field(None, ge=1, le=256, description="onnxruntime intra-op threads; default: the bundle's genai_config.json")
+    max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens of a request that leaves it 0")
+    adapter_dir: str | None = Field(None, description="the only folder LoadAdapter(path) may read; default <bundle>/adapters")
+    watch: bool = Field(False, description="load .onnx_adapter files dropped into --adapter-dir (name = file stem)")
+    watch_interval_s: float = Field(1.0, gt=0, description="how often --watch polls the adapter dir")
+    max_upload_bytes: int = Field(256 << 20, ge=1, description="largest adapter LoadAdapter(data) accepts")
+    unload_drain_timeout_s: float = Field(30.0, ge=0, description="UnloadAdapter waits this long for in-flight requests")
+    grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time given to in-flight requests before exit")
+    admin_token: str | None = Field(None, description=f"bearer token the Adapters service requires (or ${ADMIN_TOKEN_ENV})")
+    tls_cert: str | None = Field(None, description="PEM server certificate (with --tls-key: serve TLS)")
+    tls_key: str | None = Field(None, description="PEM private key of --tls-cert")
+    verify_bundle: bool = Field(True, description="re-hash every bundle file against bundle.json at start")
+    warmup_tokens: int = Field(2, ge=0, description="tokens generated once at start before health turns SERVING")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"--default_max_new_tokens: {self.default_max_new_tokens} is above --max_new_tokens_limit "
+                             f"{self.max_new_tokens_limit}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls_cert: TLS needs both --tls-cert and --tls-key")
+        for option, value in (("--tls_cert", self.tls_cert), ("--tls_key", self.tls_key)):
+            if value and not Path(value).is_file():
+                raise ValueError(f"{option}: '{value}' is not a file")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("--admin_token: the token is empty")
+        return self
+
+    @property
+    def bundle_path(self) -> Path:
+        return Path(self.bundle_dir)
+
+    @property
+    def adapter_path(self) -> Path:
+        return Path(self.adapter_dir) if self.adapter_dir else self.bundle_path / "adapters"
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once: running plus waiting."""
+        return self.workers + self.max_queue
+
+
+def serve_config(values: dict[str, Any]) -> ServeConfig:
+    """Validate ``values`` into a ServeConfig; errors name the option (the CLI exits 2)."""
+    values = {k.replace("-", "_"): v for k, v in values.items() if v is not None or k == "metrics_port"}
+    if not values.get("admin_token") and os.environ.get(ADMIN_TOKEN_ENV):
+        values["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
+    try:
+        config = ServeConfig(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        option = "--" + loc[0] if loc else "config"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if msg.startswith("--"):
+            option, _, msg = msg.partition(": ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option; see `slmops serve --help`"
+        raise SlmopsUsageError(option.replace("_", "-"), msg) from exc
+    if not config.bundle_path.is_dir():
+        raise SlmopsUsageError("BUNDLE_DIR", f"'{config.bundle_dir}' is not a folder; build one with `slmops build`")
+    if config.adapter_dir and not config.adapter_path.is_dir():
+        raise SlmopsUsageError("--adapter-dir", f"'{config.adapter_dir}' is not a folder")
+    return config

@@ -1,0 +1,39 @@
+"""Prometheus metrics of one server, in a private registry served on ``--metrics-port``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BASE_LABEL = "base"  # adapter label of requests without adapter
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 150, 200, 300, 500, 1000, 2500)
+
+
+class ServeMetrics:
+    """Every metric the server exports; ``registry`` is what ``/metrics`` serves."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("slmops_requests", "Finished RPCs by method and gRPC status code",
+                                ["method", "code"], registry=r)
+        self.adapter_requests = Counter("slmops_adapter_requests", "Generation requests by adapter name",
+                                        ["adapter"], registry=r)
+        self.generated_tokens = Counter("slmops_generated_tokens", "Tokens generated, by adapter", ["adapter"], registry=r)
+        self.ttft = Histogram("slmops_time_to_first_token_seconds", "Request arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram("slmops_generation_seconds", "Request arrival to last token",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_per_second = Histogram("slmops_decode_tokens_per_second", "Decode speed of one request",
+                                           buckets=RATE_BUCKETS, registry=r)
+        self.queue_depth = Gauge("slmops_queue_depth", "Admitted requests waiting for a worker", registry=r)
+        self.active = Gauge("slmops_active_generations", "Generations running now", registry=r)
+        self.adapters_loaded = Gauge("slmops_adapters_loaded", "Adapters loaded (public names)", registry=r)
+        self.adapter_info = Gauge("slmops_adapter_loaded", "1 for each loaded adapter name and sha256",
+                                  ["adapter", "sha256"], registry=r)
+        self.adapter_load_seconds = Histogram("slmops_adapter_load_seconds", "Adapter validation + load time",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load_failures = Counter("slmops_adapter_load_failures", "Refused adapter loads by status code",
+                                             ["code"], registry=r)
+        self.ready = Gauge("slmops_model_ready", "1 once the model is loaded and warm, 0 while loading or draining",
+                           registry=r)

@@ -1,0 +1,182 @@
+"""The gRPC server: Generation, Adapters, grpc.health.v1.Health, reflection, Prometheus metrics.
+
+Start-up order: bind the ports with health NOT_SERVING, load + warm the model, then SERVING.
+On SIGTERM/SIGINT: health NOT_SERVING, new generations UNAVAILABLE, in-flight ones get up to
+``grace_period_s`` to finish (then they are cancelled), the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from slmops.bundle import BundleError, read_manifest
+from slmops.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from slmops_serve.config import ServeConfig
+from slmops_serve.engine import Engine
+from slmops_serve.logs import setup_logging
+from slmops_serve.metrics import ServeMetrics
+from slmops_serve.servicer import (
+    ADAPTERS_SERVICE,
+    GENERATION_SERVICE,
+    AdaptersServicer,
+    AdminAuthInterceptor,
+    GenerationServicer,
+)
+from slmops_serve.watch import AdapterWatcher
+
+log = logging.getLogger("slmops.serve")
+
+HEALTH_SERVICES = ("", GENERATION_SERVICE, ADAPTERS_SERVICE)
+# grpc threads beyond the admitted requests: health probes, admin calls, quick RESOURCE_EXHAUSTED answers.
+SPARE_RPC_THREADS = 8
+MESSAGE_OVERHEAD = 1 << 20
+
+
+class SlmopsServer:
+    """One server. ``start()`` binds; ``load()`` loads the model and turns health SERVING; ``stop()`` drains."""
+
+    def __init__(self, config: ServeConfig, metrics: ServeMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or ServeMetrics()
+        self.engine = Engine(config, self.metrics)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.Server | None = None
+        self._metrics_http: Any = None
+        self._watcher: AdapterWatcher | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "[::]", "::", "") else self.config.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> None:
+        """Bind the gRPC and metrics ports and answer health checks (NOT_SERVING until ``load``)."""
+        config = self.config
+        read_manifest(config.bundle_path)  # fail fast on a folder that is no bundle
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        interceptors = [AdminAuthInterceptor(config.admin_token, self.metrics)] if config.admin_token else []
+        options = [
+            ("grpc.max_receive_message_length", config.max_upload_bytes + MESSAGE_OVERHEAD),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ]
+        server = grpc.server(ThreadPoolExecutor(max_workers=config.capacity + SPARE_RPC_THREADS,
+                                                thread_name_prefix="slmops-rpc"),
+                             interceptors=interceptors, options=options)
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.engine), server)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.engine), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+            adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        bind = f"{config.host}:{config.port}"
+        if config.tls_cert and config.tls_key:
+            credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            self.port = server.add_secure_port(bind, credentials)
+        else:
+            self.port = server.add_insecure_port(bind)
+        server.start()
+        self._grpc = server
+        if config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            httpd, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            self._metrics_http = httpd
+            self.metrics_port = int(httpd.server_port)
+        log.info("listening", extra={"fields": {
+            "event": "listening", "grpc": bind.rsplit(":", 1)[0] + f":{self.port}", "tls": bool(config.tls_cert),
+            "metrics_port": self.metrics_port, "admin_token": bool(config.admin_token)}})
+        if not config.admin_token:
+            log.warning("no --admin-token: anyone who reaches the port can load and unload adapters",
+                        extra={"fields": {"event": "no_admin_token"}})
+
+    def load(self) -> None:
+        """Load + warm the model and the bundle's adapters, then turn health SERVING."""
+        self.engine.load()
+        if self._stopped.is_set():
+            return
+        if self.config.watch:
+            assert self.engine.registry is not None
+            self._watcher = AdapterWatcher(self.engine.registry, self.config.adapter_path, self.config.watch_interval_s)
+            self._watcher.start()
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> bool:
+        """Health NOT_SERVING, drain in-flight generations (up to ``grace`` s), stop. True if all finished."""
+        if self._stopped.is_set():
+            return True
+        self._stopped.set()
+        grace = self.config.grace_period_s if grace is None else grace
+        started = time.monotonic()
+        self.health.enter_graceful_shutdown()
+        in_flight = self.engine.admitted
+        log.info("draining", extra={"fields": {"event": "draining", "in_flight": in_flight, "grace_s": grace}})
+        drained = self.engine.drain(grace)
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._grpc is not None:
+            # Handlers are done or cancelled by now; give the last responses a moment to be sent.
+            self._grpc.stop(grace=2.0).wait(5.0)
+        self.engine.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped", extra={"fields": {"event": "stopped", "drained": drained, "in_flight_at_signal": in_flight,
+                                              "drain_s": round(time.monotonic() - started, 2)}})
+        return drained
+
+
+def serve(config: ServeConfig) -> int:
+    """Run a server until SIGTERM/SIGINT; the exit code (0 after a drain, 1 when the model fails to load)."""
+    setup_logging(config.log_level)
+    server = SlmopsServer(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal", extra={"fields": {"event": "signal", "signal": signal.Signals(signum).name}})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            server.load()
+        except BaseException as exc:  # noqa: BLE001 - reported below, the process exits 1
+            failure.append(exc)
+            stop.set()
+
+    # Load in a thread: the main thread stays free to take SIGTERM while a large model loads.
+    loader = threading.Thread(target=load, name="slmops-load", daemon=True)
+    loader.start()
+    while not stop.wait(0.5):
+        pass
+    if failure:
+        exc = failure[0]
+        message = str(exc) if isinstance(exc, BundleError) else f"{type(exc).__name__}: {exc}"
+        log.error("model load failed", extra={"fields": {"event": "load_failed", "error": message}})
+        server.stop(grace=0)
+        return 1
+    server.stop()
+    return 0

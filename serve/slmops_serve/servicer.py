@@ -1,0 +1,318 @@
+"""gRPC servicers of ``slmops.v1.Generation`` and ``slmops.v1.Adapters`` over the Engine.
+
+Requests are checked field by field here (INVALID_ARGUMENT naming the field); the engine and
+the registry raise ServeError with the status code of everything else. A bad request never
+affects the server: it is answered and forgotten.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from slmops.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from slmops_serve.config import ServeConfig
+from slmops_serve.engine import (
+    FINISH_CANCELLED,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Chunk,
+    Engine,
+    GenerationRequest,
+)
+from slmops_serve.errors import INVALID_ARGUMENT, UNAVAILABLE, ServeError
+from slmops_serve.metrics import ServeMetrics
+from slmops_serve.registry import AdapterRegistry, LoadedAdapter
+
+log = logging.getLogger("slmops.serve")
+
+GENERATION_SERVICE = "slmops.v1.Generation"
+ADAPTERS_SERVICE = "slmops.v1.Adapters"
+FINISH_REASONS = {
+    FINISH_EOS: generation_pb2.FINISH_REASON_EOS,
+    FINISH_LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FINISH_STOP: generation_pb2.FINISH_REASON_STOP,
+}
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_REQUEST_ID = 128
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def to_engine_request(request: generation_pb2.GenerateRequest, config: ServeConfig, request_id: str) -> GenerationRequest:
+    """Check every field of ``request``; ServeError(INVALID_ARGUMENT) names the first bad one."""
+
+    def bad(field: str, message: str) -> ServeError:
+        return ServeError(INVALID_ARGUMENT, field, message)
+
+    if request.prompt and len(request.messages):
+        raise bad("prompt", "set either prompt or messages, not both")
+    messages = None
+    if len(request.messages):
+        messages = []
+        for i, message in enumerate(request.messages):
+            if not message.role.strip():
+                raise bad(f"messages[{i}].role", "is empty; use system, user or assistant")
+            messages.append({"role": message.role, "content": message.content})
+        if not any(m["content"].strip() for m in messages):
+            raise bad("messages", "every message content is empty")
+    elif not request.prompt.strip():
+        raise bad("prompt", "is empty; send a prompt or chat messages")
+    if request.max_new_tokens < 0:
+        raise bad("max_new_tokens", f"{request.max_new_tokens} is negative; use 1..{config.max_new_tokens_limit} "
+                  f"(0 = the server default {config.default_max_new_tokens})")
+    if request.max_new_tokens > config.max_new_tokens_limit:
+        raise bad("max_new_tokens", f"{request.max_new_tokens} is above the server limit {config.max_new_tokens_limit}")
+    if not math.isfinite(request.temperature) or request.temperature < 0:
+        raise bad("temperature", f"{request.temperature} must be >= 0 (0 = greedy)")
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise bad("top_p", f"{top_p} is outside (0, 1]")
+    if request.top_k < 0:
+        raise bad("top_k", f"{request.top_k} is negative; use 0 for no limit")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise bad("stop", f"{len(request.stop)} stop strings; at most {MAX_STOP_STRINGS}")
+    if any(len(s) > MAX_STOP_LENGTH for s in request.stop):
+        raise bad("stop", f"a stop string is longer than {MAX_STOP_LENGTH} characters")
+    if len(request.request_id) > MAX_REQUEST_ID:
+        raise bad("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    return GenerationRequest(
+        prompt=request.prompt if messages is None else None, messages=messages, adapter=request.adapter,
+        max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=top_p, top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None, stop=list(request.stop), request_id=request_id,
+    )
+
+
+def _usage(chunk: Chunk) -> generation_pb2.Usage:
+    return generation_pb2.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                                total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
+
+
+def _timings(chunk: Chunk) -> generation_pb2.Timings:
+    return generation_pb2.Timings(queue_ms=chunk.queue_ms, time_to_first_token_ms=chunk.ttft_ms, total_ms=chunk.total_ms,
+                                  decode_tokens_per_second=chunk.decode_tps)
+
+
+class _Call:
+    """Bookkeeping of one RPC: status code for metrics, one JSON log line at the end."""
+
+    def __init__(self, method: str, metrics: ServeMetrics, context: grpc.ServicerContext, request_id: str = "") -> None:
+        self.method = method
+        self.metrics = metrics
+        self.context = context
+        self.request_id = request_id
+        self.started = time.perf_counter()
+        self.code = "OK"
+        self.fields: dict[str, Any] = {}
+
+    def fail(self, error: ServeError) -> None:
+        self.code = error.code
+        self.fields["error"] = str(error)
+        self.context.abort(getattr(grpc.StatusCode, error.code), str(error))
+
+    def cancelled(self) -> None:
+        remaining = self.context.time_remaining()
+        self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+    def done(self) -> None:
+        self.metrics.requests.labels(self.method, self.code).inc()
+        fields = {"event": "rpc", "method": self.method, "code": self.code,
+                  "ms": round((time.perf_counter() - self.started) * 1000, 2), **self.fields}
+        if self.request_id:
+            fields["request_id"] = self.request_id
+        level = logging.INFO if self.code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED") else logging.WARNING
+        log.log(level, self.method, extra={"fields": fields})
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.metrics = engine.metrics
+
+    def _start(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext, call: _Call) -> Any:
+        call.request_id = request.request_id or _metadata(context).get(REQUEST_ID_HEADER, "")
+        try:
+            engine_request = to_engine_request(request, self.config, call.request_id)
+            gen = self.engine.submit(engine_request)
+        except ServeError as error:
+            call.fail(error)  # raises
+        call.request_id = gen.request_id
+        call.fields.update(adapter=gen.adapter_name, adapter_sha256=gen.adapter_sha256[:12])
+        # Fires on client cancel and on an expired deadline: the worker stops before its next token.
+        context.add_callback(gen.cancel)
+        return gen
+
+    def _finish_fields(self, call: _Call, last: Chunk) -> None:
+        call.fields.update(finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
+                           completion_tokens=last.completion_tokens, ttft_ms=round(last.ttft_ms, 2),
+                           total_ms=round(last.total_ms, 2), queue_ms=round(last.queue_ms, 2))
+        if last.finish_reason == FINISH_CANCELLED:
+            call.cancelled()
+
+    def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext) -> generation_pb2.GenerateResponse:
+        call = _Call("Generate", self.metrics, context)
+        try:
+            gen = self._start(request, context, call)
+            try:
+                result = gen.result()
+            except ServeError as error:
+                call.fail(error)
+            last = Chunk(text="", adapter=result.adapter, adapter_sha256=result.adapter_sha256,
+                         finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+                         completion_tokens=result.completion_tokens, queue_ms=result.queue_ms, ttft_ms=result.ttft_ms,
+                         total_ms=result.total_ms, decode_tps=result.decode_tps)
+            self._finish_fields(call, last)
+            return generation_pb2.GenerateResponse(
+                text=result.text, finish_reason=FINISH_REASONS.get(result.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED), usage=_usage(last),
+                adapter=result.adapter, adapter_sha256=result.adapter_sha256, timings=_timings(last),
+                request_id=result.request_id)
+        finally:
+            call.done()
+
+    def GenerateStream(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.ServicerContext) -> Iterator[generation_pb2.GenerateStreamResponse]:
+        call = _Call("GenerateStream", self.metrics, context)
+        try:
+            gen = self._start(request, context, call)
+            try:
+                for chunk in gen:
+                    message = generation_pb2.GenerateStreamResponse(
+                        text=chunk.text, adapter=chunk.adapter, adapter_sha256=chunk.adapter_sha256,
+                        request_id=gen.request_id)
+                    if chunk.finish_reason is not None:
+                        self._finish_fields(call, chunk)
+                        if chunk.finish_reason == FINISH_CANCELLED:
+                            return
+                        message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED)
+                        message.usage.CopyFrom(_usage(chunk))
+                        message.timings.CopyFrom(_timings(chunk))
+                    yield message
+            except ServeError as error:
+                call.fail(error)
+            except GeneratorExit:
+                call.cancelled()  # grpc closed the stream (client gone)
+                raise
+            finally:
+                gen.cancel()  # no-op when finished; stops the worker when the stream ended early
+        finally:
+            call.done()
+
+
+def adapter_info(entry: LoadedAdapter, requests_total: int, in_flight: int) -> adapters_pb2.AdapterInfo:
+    return adapters_pb2.AdapterInfo(
+        name=entry.name, sha256=entry.sha256, source=entry.source, path=str(entry.file.path), rank=entry.file.rank,
+        target_modules=entry.file.modules, in_flight=in_flight, requests_total=requests_total, loaded_at=entry.loaded_at,
+        size_bytes=entry.file.size)
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.metrics = engine.metrics
+
+    def _registry(self) -> AdapterRegistry:
+        if self.engine.registry is None or not self.engine.ready:
+            raise ServeError(UNAVAILABLE, "", "the server is not ready (loading the model or shutting down); retry later")
+        return self.engine.registry
+
+    def _run(self, method: str, context: grpc.ServicerContext, body: Callable[[_Call], Any]) -> Any:
+        call = _Call(method, self.metrics, context)
+        try:
+            try:
+                return body(call)
+            except ServeError as error:
+                if method == "LoadAdapter":
+                    self.metrics.adapter_load_failures.labels(error.code).inc()
+                call.fail(error)
+        finally:
+            call.done()
+
+    def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
+        def body(call: _Call) -> adapters_pb2.ListAdaptersResponse:
+            registry = self._registry()
+            return adapters_pb2.ListAdaptersResponse(adapters=[
+                adapter_info(entry, total, registry.in_flight(entry)) for entry, total in registry.entries()])
+
+        return self._run("ListAdapters", context, body)
+
+    def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: grpc.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
+        def body(call: _Call) -> adapters_pb2.LoadAdapterResponse:
+            registry = self._registry()
+            source = request.WhichOneof("source")
+            call.fields.update(adapter=request.name, source=source or "")
+            if source is None:
+                raise ServeError(INVALID_ARGUMENT, "path", "set path (a file in the server's adapter directory) or data (bytes)")
+            if source == "path":
+                result = registry.load(request.name, path=request.path, sha256=request.sha256, source="path")
+            else:
+                result = registry.load(request.name, data=request.data, sha256=request.sha256, source="upload")
+            if not result.unchanged:
+                self.metrics.adapter_load_seconds.observe(result.load_ms / 1000)
+            call.fields.update(sha256=result.adapter.sha256[:12], replaced=result.replaced is not None,
+                               unchanged=result.unchanged, load_ms=round(result.load_ms, 2))
+            entry = result.adapter
+            total = dict((e.name, t) for e, t in registry.entries()).get(entry.name, 0)
+            return adapters_pb2.LoadAdapterResponse(
+                adapter=adapter_info(entry, total, registry.in_flight(entry)), replaced=result.replaced is not None,
+                previous_sha256=result.replaced.sha256 if result.replaced else "", load_ms=result.load_ms,
+                unchanged=result.unchanged)
+
+        return self._run("LoadAdapter", context, body)
+
+    def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest,
+                      context: grpc.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
+        def body(call: _Call) -> adapters_pb2.UnloadAdapterResponse:
+            registry = self._registry()
+            call.fields.update(adapter=request.name)
+            timeout = self.config.unload_drain_timeout_s
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = max(0.0, min(timeout, remaining - 0.05))
+            entry, drained = registry.unload(request.name, timeout=timeout)
+            call.fields.update(sha256=entry.sha256[:12], drained=drained)
+            return adapters_pb2.UnloadAdapterResponse(name=entry.name, sha256=entry.sha256, drained=drained)
+
+        return self._run("UnloadAdapter", context, body)
+
+
+class AdminAuthInterceptor(grpc.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every ``slmops.v1.Adapters`` call (UNAUTHENTICATED otherwise)."""
+
+    def __init__(self, token: str, metrics: ServeMetrics) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        method: str = handler_call_details.method or ""
+        if not method.startswith(f"/{ADAPTERS_SERVICE}/"):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+        if hmac.compare_digest(given_bytes, self._expected):
+            return continuation(handler_call_details)
+        short = method.rsplit("/", 1)[-1]
+        metrics = self._metrics
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            metrics.requests.labels(short, "UNAUTHENTICATED").inc()
+            log.warning(short, extra={"fields": {"event": "rpc", "method": short, "code": "UNAUTHENTICATED",
+                                                 "error": "missing or wrong admin token"}})
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "authorization: the Adapters service needs metadata 'authorization: Bearer <admin token>' "
+                          "(slmops adapters --token or $SLMOPS_ADMIN_TOKEN)")
+
+        return grpc.unary_unary_rpc_method_handler(deny)
