@@ -319,6 +319,8 @@ class Engine:
         return self.submit(request).result()
 
     def _admit(self, request: GenerationRequest, force: bool) -> Generation:
+        if not force and not self.ready:
+            raise ServeError(UNAVAILABLE, "", "the server is not ready (loading the model or shutting down); retry later")
         if not request.request_id:
             request.request_id = uuid.uuid4().hex[:16]
         max_new = request.max_new_tokens or self.config.default_max_new_tokens

@@ -66,16 +66,15 @@ def test_load_adapter_replaces_existing_atomically(client: Any, server: Any, gat
     assert old_text != new_text
     client.load_adapter("swap", path=old_file.name)
     try:
-        with gate(after_tokens=1) as g:
-            with ThreadPoolExecutor(1) as pool:
-                in_flight = pool.submit(client.generate, PROMPT, adapter="swap", max_new_tokens=12)
-                g.wait_for(1)  # the request holds the old version and has generated one token
-                replaced = client.load_adapter("swap", path=new_file.name)
-                assert replaced.replaced and replaced.previous_sha256 == sha(old_file)
-                assert loaded(client)["swap"] == sha(new_file)
-                assert server.engine.registry.retired_count() == 1  # the old version waits for its request
-                g.open()
-                old = in_flight.result(timeout=30)
+        with gate(after_tokens=1) as g, ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.generate, PROMPT, adapter="swap", max_new_tokens=12)
+            g.wait_for(1)  # the request holds the old version and has generated one token
+            replaced = client.load_adapter("swap", path=new_file.name)
+            assert replaced.replaced and replaced.previous_sha256 == sha(old_file)
+            assert loaded(client)["swap"] == sha(new_file)
+            assert server.engine.registry.retired_count() == 1  # the old version waits for its request
+            g.open()
+            old = in_flight.result(timeout=30)
         new = client.generate(PROMPT, adapter="swap", max_new_tokens=12)
         assert (old.text, old.adapter_sha256) == (old_text, sha(old_file))
         assert (new.text, new.adapter_sha256) == (new_text, sha(new_file))
