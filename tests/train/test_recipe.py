@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -189,11 +190,17 @@ def test_two_process_ddp_on_cpu(base_args, tmp_path) -> None:
     cfg = {**base_args, "eval_split": "none", "max_steps": 3, "per_device_train_batch_size": 2}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
+    # Own process group, so a hang kills the workers too, not just torchrun.
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "slmops.cli", "train", "-c", str(tmp_path / "ddp.yaml")],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
     record = json.loads((Path(base_args["output_path"]) / "run.json").read_text())
     assert record["performance"]["world_size"] == 2 and record["performance"]["steps"] == 3

@@ -252,6 +252,10 @@ def train(config: TrainConfig) -> RunResult:
     from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
+    import warnings
+
+    # peft still calls transformers' renamed gradient-checkpointing helpers: noise, not a problem.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     started = time.time()
     run_dir = config.run_dir()
     check_output_path(run_dir, config.overwrite)
