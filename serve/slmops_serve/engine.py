@@ -127,8 +127,22 @@ class Generation:
         self._events.put(item)
 
     def __iter__(self) -> Iterator[Chunk]:
+        pending: Any = None  # an event taken from the queue but not handled yet
         while True:
-            item = self._events.get()
+            item = pending if pending is not None else self._events.get()
+            pending = None
+            # A slow reader gets the text produced meanwhile in one chunk, not one message per token.
+            while isinstance(item, Chunk) and item.finish_reason is None:
+                try:
+                    following = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(following, Chunk):
+                    following.text = item.text + following.text
+                    item = following
+                else:
+                    pending = following
+                    break
             if item is _DONE:
                 return
             if isinstance(item, BaseException):

@@ -1,0 +1,382 @@
+"""Serve benchmarks on a real bundle: ratios measured in ONE run, interleaved, written as JSON.
+
+    .venv/bin/python bench/bench_serve.py dist/bundles/cpu --out bench/results/serve_cpu.json
+
+Runs `slmops serve` as a subprocess (as an edge device would) and measures, with the same
+thread count everywhere:
+  1. GenerateStream tok/s vs the same bundle driven in-process with onnxruntime-genai (goal >= 0.95)
+  2. vs transformers + PEFT ``generate`` on CPU with the adapter's source run (goal >= 4x; imports
+     torch - bench only, never the server; skip with --skip-hf)
+  3. alternating adapters per request vs one adapter (goal >= 0.95), and LoadAdapter p50/p99
+  4. 1, 4, 16 concurrent streams over 4 adapters: aggregate tok/s, client-side TTFT p50/p99
+Timings on a shared machine swing: every ratio compares runs interleaved within this process.
+Bundles with fewer than 4 adapters get perturbed copies of their first adapter (same rank and
+modules, marked "synthetic") so the per-adapter work is real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "Write a long, detailed story about a small robot who learns to paint. Describe every color it discovers."
+
+
+def pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
+    for name in ("slmops", "onnxruntime", "onnxruntime-genai", "grpcio", "protobuf", "torch", "transformers", "peft"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def prepare_adapters(bundle: Path, manifest: Any, workdir: Path, want: int = 4) -> dict[str, dict[str, Any]]:
+    """name -> {file, synthetic}: the bundle's adapters, plus perturbed copies up to ``want``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    adapters: dict[str, dict[str, Any]] = {}
+    for name, info in manifest.adapters.items():
+        dst = workdir / f"{name}.onnx_adapter"
+        shutil.copy(bundle / info.file, dst)
+        adapters[name] = {"file": dst, "synthetic": False}
+    if not adapters:
+        raise SystemExit(f"{bundle} has no adapters; build it with at least one --adapter")
+    first_name, first = next(iter(adapters.items()))
+    fmt = ort.AdapterFormat.read_adapter(str(first["file"]))
+    arrays = {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
+    rng = np.random.default_rng(0)
+    i = 0
+    while len(adapters) < want:
+        i += 1
+        name = f"{first_name}-synthetic{i}"
+        perturbed = {k: (v * (1 + 0.05 * rng.standard_normal(v.shape))).astype(v.dtype) for k, v in arrays.items()}
+        out = ort.AdapterFormat()
+        out.set_adapter_version(1)
+        out.set_model_version(1)
+        out.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in perturbed.items()})
+        out.export_adapter(str(workdir / f"{name}.onnx_adapter"))
+        adapters[name] = {"file": workdir / f"{name}.onnx_adapter", "synthetic": True}
+    return adapters
+
+
+class ServerProcess:
+    def __init__(self, bundle: Path, adapter_dir: Path, threads: int | None, workers: int, log: Path) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "slmops.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", str(self.port),
+                "--no-metrics", "--workers", str(workers), "--max-queue", "64", "--adapter-dir", str(adapter_dir),
+                "--max-new-tokens-limit", "4096", "--log-level", "WARNING"]
+        if threads:
+            args += ["--threads", str(threads)]
+        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "SLMOPS_ADMIN_TOKEN": ""}
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, client: Any, timeout: float = 300) -> None:
+        import grpc
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if client.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not become SERVING")
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(timeout=120)
+        self.log.close()
+        return code
+
+
+class InProcess:
+    """The same bundle driven directly with onnxruntime-genai, as an app embedding it would."""
+
+    def __init__(self, model_dir: Path, threads: int | None, adapter_files: dict[str, Path]) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(model_dir))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = og.Adapters(self.model)
+        for name, path in adapter_files.items():
+            self.adapters.load(str(path), name)
+        template = model_dir / "chat_template.jinja"
+        self.template = template.read_text() if template.is_file() else None
+
+    def render(self, prompt: str) -> str:
+        rendered: str = self.tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
+                                                          template_str=self.template, add_generation_prompt=True)
+        return rendered
+
+    def generate(self, prompt: str, adapter: str, max_new_tokens: int) -> dict[str, float]:
+        og = self.og
+        started = time.perf_counter()
+        ids = self.tokenizer.encode(self.render(prompt))
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens)
+        generator = og.Generator(self.model, params)
+        if adapter:
+            generator.set_active_adapter(self.adapters, adapter)
+        generator.append_tokens(ids)
+        stream = self.tokenizer.create_stream()
+        eos = set(self.tokenizer.eos_token_ids)
+        tokens, first, text = 0, 0.0, ""
+        while not generator.is_done() and tokens < max_new_tokens:
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            tokens += 1
+            if tokens == 1:
+                first = time.perf_counter()
+            if token in eos:
+                break
+            text += stream.decode(token)
+        ended = time.perf_counter()
+        del generator
+        return {"tokens": tokens, "seconds": ended - started, "tok_s": tokens / (ended - started),
+                "ttft_ms": (first - started) * 1000, "text": text}  # type: ignore[dict-item]
+
+
+def stream_once(client: Any, prompt: str, adapter: str, max_new_tokens: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    first = None
+    text, last = [], None
+    for chunk in client.generate_stream(messages=[{"role": "user", "content": prompt}], adapter=adapter,
+                                        max_new_tokens=max_new_tokens):
+        if first is None:
+            first = time.perf_counter()
+        text.append(chunk.text)
+        last = chunk
+    ended = time.perf_counter()
+    assert last is not None
+    tokens = last.usage.completion_tokens
+    return {"tokens": tokens, "seconds": ended - started, "tok_s": tokens / (ended - started),
+            "ttft_ms": ((first or ended) - started) * 1000, "server_ttft_ms": last.timings.time_to_first_token_ms,
+            "text": "".join(text), "sha256": last.adapter_sha256}
+
+
+def bench_vs_inprocess(client: Any, inproc: InProcess, adapter: str, max_new_tokens: int, reps: int) -> dict[str, Any]:
+    served, direct = [], []
+    for _ in range(reps):  # interleaved: server, in-process, server, ...
+        served.append(stream_once(client, PROMPT, adapter, max_new_tokens))
+        direct.append(inproc.generate(PROMPT, adapter, max_new_tokens))
+    same_text = all(s["text"] == d["text"] for s, d in zip(served, direct, strict=True))
+    s_tps = statistics.median(r["tok_s"] for r in served)
+    d_tps = statistics.median(r["tok_s"] for r in direct)
+    return {"adapter": adapter, "reps": reps, "tokens": served[0]["tokens"], "same_text_as_inprocess": same_text,
+            "stream_tok_s": round(s_tps, 2), "inprocess_tok_s": round(d_tps, 2), "ratio": round(s_tps / d_tps, 4),
+            "stream_ttft_ms_p50": round(pct([r["ttft_ms"] for r in served], 50), 2),
+            "inprocess_ttft_ms_p50": round(pct([r["ttft_ms"] for r in direct], 50), 2), "goal": ">= 0.95"}
+
+
+def bench_hf(model_path: str, adapter_dir: Path, threads: int, max_new_tokens: int, reps: int) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmops.models import resolve_model_path
+
+    torch.set_num_threads(threads)
+    path = resolve_model_path(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32), str(adapter_dir))
+    model.eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    runs = []
+    with torch.inference_mode():
+        model.generate(**ids, max_new_tokens=4, do_sample=False)  # warm-up
+        for _ in range(reps):
+            started = time.perf_counter()
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+            seconds = time.perf_counter() - started
+            tokens = int(out.shape[1] - ids["input_ids"].shape[1])
+            runs.append({"tokens": tokens, "tok_s": tokens / seconds})
+    return {"tok_s": round(statistics.median(r["tok_s"] for r in runs), 2), "tokens": runs[0]["tokens"],
+            "threads": threads, "model": str(path), "adapter": str(adapter_dir)}
+
+
+def bench_alternating(client: Any, names: list[str], max_new_tokens: int, reps: int, per_seq: int = 8) -> dict[str, Any]:
+    one, alternating = [], []
+    for _ in range(reps):
+        for mode, sink in (("one", one), ("alt", alternating)):
+            started = time.perf_counter()
+            tokens = 0
+            for i in range(per_seq):
+                adapter = names[0] if mode == "one" else names[i % 2]
+                tokens += stream_once(client, PROMPT, adapter, max_new_tokens)["tokens"]
+            sink.append(tokens / (time.perf_counter() - started))
+    o, a = statistics.median(one), statistics.median(alternating)
+    return {"adapters": names[:2], "requests_per_sequence": per_seq, "reps": reps, "one_adapter_tok_s": round(o, 2),
+            "alternating_tok_s": round(a, 2), "ratio": round(a / o, 4), "goal": ">= 0.95"}
+
+
+def bench_load(client: Any, files: list[Path], reps: int) -> dict[str, Any]:
+    client_ms, server_ms, upload_ms = [], [], []
+    for i in range(reps):
+        path = files[i % len(files)]
+        started = time.perf_counter()
+        response = client.load_adapter("bench-load", path=path.name)
+        client_ms.append((time.perf_counter() - started) * 1000)
+        server_ms.append(response.load_ms)
+        assert response.replaced or i == 0
+    data = [f.read_bytes() for f in files]
+    for i in range(max(10, reps // 5)):
+        started = time.perf_counter()
+        client.load_adapter("bench-upload", data=data[i % len(data)])
+        upload_ms.append((time.perf_counter() - started) * 1000)
+    client.unload_adapter("bench-load")
+    client.unload_adapter("bench-upload")
+    return {"reps": reps, "file_bytes": files[0].stat().st_size,
+            "path_load_ms_p50": round(pct(client_ms, 50), 3), "path_load_ms_p99": round(pct(client_ms, 99), 3),
+            "server_load_ms_p50": round(pct(server_ms, 50), 3), "server_load_ms_p99": round(pct(server_ms, 99), 3),
+            "upload_load_ms_p50": round(pct(upload_ms, 50), 3), "upload_load_ms_p99": round(pct(upload_ms, 99), 3)}
+
+
+def bench_concurrency(client: Any, names: list[str], levels: list[int], max_new_tokens: int,
+                      requests_per_stream: int) -> list[dict[str, Any]]:
+    results = []
+    for level in levels:
+        records: list[dict[str, Any]] = []
+        lock = threading.Lock()
+
+        def worker(i: int) -> None:
+            for j in range(requests_per_stream):
+                record = stream_once(client, PROMPT, names[(i + j) % len(names)], max_new_tokens)
+                with lock:
+                    records.append(record)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(level) as pool:
+            list(pool.map(worker, range(level)))
+        wall = time.perf_counter() - started
+        ttft = [r["ttft_ms"] for r in records]
+        results.append({"streams": level, "adapters": names, "requests": len(records),
+                        "aggregate_tok_s": round(sum(r["tokens"] for r in records) / wall, 2),
+                        "per_stream_tok_s_p50": round(pct([r["tok_s"] for r in records], 50), 2),
+                        "ttft_ms_p50": round(pct(ttft, 50), 2), "ttft_ms_p99": round(pct(ttft, 99), 2)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads everywhere (default: the bundle's)")
+    parser.add_argument("--workers", type=int, default=2, help="server generation workers")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--load-reps", type=int, default=100)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--skip-hf", action="store_true", help="skip the transformers+PEFT comparison (no torch import)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
+    args = parser.parse_args(argv)
+
+    from slmops.bundle import read_manifest
+    from slmops_serve.client import SlmopsClient
+    from slmops_serve.engine import session_threads
+
+    bundle = args.bundle.resolve()
+    manifest = read_manifest(bundle)
+    model_dir = bundle / manifest.model_dir
+    threads = args.threads or session_threads(model_dir, None) or 1
+    workdir = Path(tempfile.mkdtemp(prefix="slmops-bench-serve-"))
+    report: dict[str, Any] = {"bundle": str(bundle), "target": manifest.target.model_dump(),
+                              "base_model": manifest.base_model.name, "threads": threads, "workers": args.workers,
+                              "max_new_tokens": args.max_new_tokens, "versions": versions(),
+                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (workdir / "adapters").mkdir()
+    adapters = prepare_adapters(bundle, manifest, workdir / "adapters")
+    names = list(adapters)
+    report["adapters"] = {n: {"synthetic": a["synthetic"], "bytes": a["file"].stat().st_size} for n, a in adapters.items()}
+    server = ServerProcess(bundle, workdir / "adapters", threads, args.workers, workdir / "server.log")
+    try:
+        with SlmopsClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+            server.wait_ready(client)
+            for name, info in adapters.items():
+                if info["synthetic"]:
+                    client.load_adapter(name, path=info["file"].name)
+            inproc = InProcess(model_dir, threads, {n: a["file"] for n, a in adapters.items()})
+            stream_once(client, PROMPT, names[0], 8)
+            inproc.generate(PROMPT, names[0], 8)
+            print(f"[1/4] GenerateStream vs in-process onnxruntime-genai ({args.reps} reps, {threads} threads)", flush=True)
+            report["stream_vs_inprocess"] = bench_vs_inprocess(client, inproc, names[0], args.max_new_tokens, args.reps)
+            report["stream_vs_inprocess_base"] = bench_vs_inprocess(client, inproc, "", args.max_new_tokens, args.reps)
+            del inproc
+            print("[2/4] alternating adapters vs one adapter; adapter load latency", flush=True)
+            report["alternating_adapters"] = bench_alternating(client, names, args.max_new_tokens, args.reps)
+            report["adapter_load"] = bench_load(client, [adapters[n]["file"] for n in names[:2]], args.load_reps)
+            print("[3/4] concurrent streams over 4 adapters", flush=True)
+            levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+            report["concurrency"] = bench_concurrency(client, names[:4], levels, args.max_new_tokens, args.requests_per_stream)
+            if not args.skip_hf:
+                print("[4/4] transformers + PEFT generate (CPU)", flush=True)
+                source = manifest.adapters[names[0]].source_run if names[0] in manifest.adapters else None
+                adapter_dir = Path(source) / "adapter" if source and (Path(source) / "adapter").is_dir() else Path(source or "")
+                if not (adapter_dir / "adapter_config.json").is_file():
+                    report["vs_transformers_peft"] = {"skipped": f"adapter source {source} not found"}
+                else:
+                    hf = bench_hf(manifest.build.get("model_path") or "default", adapter_dir, threads, args.max_new_tokens,
+                                  max(2, args.reps // 2))
+                    served = stream_once(client, PROMPT, names[0], args.max_new_tokens)
+                    stream_tps = statistics.median([served["tok_s"], report["stream_vs_inprocess"]["stream_tok_s"]])
+                    report["vs_transformers_peft"] = {**hf, "stream_tok_s": round(stream_tps, 2),
+                                                      "ratio": round(stream_tps / hf["tok_s"], 3), "goal": ">= 4"}
+    finally:
+        report["server_exit_code"] = server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["ratios"] = {
+        "stream_vs_inprocess": report["stream_vs_inprocess"]["ratio"],
+        "stream_vs_inprocess_base": report["stream_vs_inprocess_base"]["ratio"],
+        "alternating_vs_one_adapter": report["alternating_adapters"]["ratio"],
+        "vs_transformers_peft": report.get("vs_transformers_peft", {}).get("ratio"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"ratios": report["ratios"], "adapter_load": report["adapter_load"],
+                      "concurrency": report["concurrency"]}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
