@@ -279,7 +279,7 @@ def bench_concurrency(client: Any, names: list[str], levels: list[int], max_new_
         records: list[dict[str, Any]] = []
         lock = threading.Lock()
 
-        def worker(i: int) -> None:
+        def worker(i: int, records: list[dict[str, Any]] = records, lock: threading.Lock = lock) -> None:
             for j in range(requests_per_stream):
                 record = stream_once(client, PROMPT, names[(i + j) % len(names)], max_new_tokens)
                 with lock:
@@ -311,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = parser.parse_args(argv)
 
-    from slmops.bundle import read_manifest
     from slmops_serve.client import SlmopsClient
     from slmops_serve.engine import session_threads
+
+    from slmops.bundle import read_manifest
 
     bundle = args.bundle.resolve()
     manifest = read_manifest(bundle)
