@@ -102,6 +102,9 @@ def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "pa
     """
     import onnxruntime as ort
 
+    if not template.inputs:
+        raise ServeError(FAILED_PRECONDITION, field_name, "this bundle has no LoRA inputs (an adapter was merged into its "
+                         "weights), so it takes no runtime adapters; build a bundle without --merge")
     data = path.read_bytes()
     sha = sha256_bytes(data)
     try:

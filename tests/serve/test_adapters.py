@@ -244,3 +244,15 @@ def test_watch_loads_replaces_and_unloads_dropped_files(tiny_bundle: Path, adapt
         (watched / "dropped.onnx_adapter").unlink()
         wait_until(lambda: "dropped" not in loaded(c))
         assert "broken" not in loaded(c)
+
+
+def test_a_merged_bundle_refuses_runtime_adapters(adapter_files: dict[str, Path]) -> None:
+    from slmops_serve.errors import ServeError
+    from slmops_serve.registry import check_adapter_file
+
+    from slmops.bundle import LoraTemplate
+
+    merged = LoraTemplate(modules=[], num_layers=2, dtype="float32", inputs=[])
+    with pytest.raises(ServeError) as exc:
+        check_adapter_file(adapter_files["tone"], merged)
+    assert exc.value.code == "FAILED_PRECONDITION" and "merged" in str(exc.value)
