@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -248,6 +249,11 @@ class Engine:
                                         self.config.max_upload_bytes, on_change=self._adapters_changed)
         for name, info in sorted(manifest.adapters.items()):
             self.registry.load(name, path=self.bundle_dir / info.file, sha256=info.sha256, source="bundle", trusted_path=True)
+        cores = os.cpu_count() or 1
+        if self.threads and self.config.workers * self.threads > cores:
+            log.warning("workers x threads exceeds the CPU cores: concurrent generations will slow each other down",
+                        extra={"fields": {"event": "oversubscribed", "workers": self.config.workers,
+                                          "threads": self.threads, "cores": cores}})
         self.warmup()
         self.load_seconds = time.perf_counter() - started
         with self._lock:
