@@ -58,5 +58,11 @@ serve: install
 	@test -f $(BUNDLE_DIR)/bundle.json || $(MAKE) bundle TARGET=$(TARGET)
 	$(SLMOPS) serve $(BUNDLE_DIR) --port $(PORT) --metrics-port $(METRICS_PORT)
 
+protos: install
+	$(PY) -m slmops_serve.protogen
+
+bench-serve: install
+	$(PY) bench/bench_serve.py $(BUNDLE_DIR) --out bench/results/serve_$(TARGET).json
+
 clean:
 	rm -rf runs dist .pytest_cache .mypy_cache .ruff_cache
