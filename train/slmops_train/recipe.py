@@ -248,11 +248,11 @@ def _checkpointing_arg() -> str:
 
 def train(config: TrainConfig) -> RunResult:
     """Fine-tune one adapter as ``config`` says and write its run folder."""
+    import warnings
+
     import torch
     from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
-
-    import warnings
 
     # peft still calls transformers' renamed gradient-checkpointing helpers: noise, not a problem.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
