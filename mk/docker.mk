@@ -1,0 +1,82 @@
+# Container images (dockerfiles/) and the offline wheelhouse they are built from.
+# Included by the Makefile; every variable can be overridden on the command line.
+#
+#   make wheelhouse                        third-party wheels (refetched only when pyproject.toml's
+#                                          dependencies change) + the project wheel (always)
+#   make images                            slmops-train, slmops-build, slmops-serve:$(VERSION)
+#   make images OFFLINE=1                  same, from a locally built base (no image pull at all)
+#   make images BUNDLE=dist/bundles/cpu    also slmops-serve:$(VERSION)-cpu with the bundle baked in
+#   make image-serve                       one image (image-train, image-build, image-serve)
+#   make base-image                        the local base: mmdebstrap bookworm + python3 (3.11)
+#   make image-sizes                       sizes of the images
+#
+# Builds use BuildKit (RUN --mount) with --network none: everything comes from wheelhouse/.
+
+ifndef VERSION
+VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml | head -n1)
+endif
+# A client that can run BuildKit builds: `docker` when it has buildx (or is a classic client),
+# else Debian's 20.10 client at /usr/bin/docker (its built-in BuildKit supports RUN --mount).
+ifndef DOCKER
+DOCKER := $(shell if docker buildx version >/dev/null 2>&1; then echo docker; \
+	elif [ -x /usr/bin/docker ]; then echo /usr/bin/docker; else echo docker; fi)
+endif
+IMAGE_PREFIX ?= slmops-
+LOCAL_BASE   ?= slmops-base:bookworm
+OFFLINE      ?= 0
+ifeq ($(OFFLINE),1)
+BASE_IMAGE   ?= $(LOCAL_BASE)
+BASE_PREREQ  := base-image
+else
+BASE_IMAGE   ?= python:3.11-slim-bookworm
+BASE_PREREQ  :=
+endif
+DOCKER_BUILD_FLAGS ?=
+WHEELHOUSE_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3.11)
+BUNDLE       ?=
+BUNDLE_TAG   ?= $(IMAGE_PREFIX)serve:$(VERSION)-$(notdir $(patsubst %/,%,$(BUNDLE)))
+STAGE_IMAGES := train build serve
+
+.PHONY: wheelhouse base-image images image-sizes image-bundle $(addprefix image-,$(STAGE_IMAGES))
+
+wheelhouse:
+	PY=$(WHEELHOUSE_PY) scripts/make_wheelhouse.sh
+
+base-image:
+	DOCKER=$(DOCKER) scripts/make_base_image.sh $(LOCAL_BASE)
+
+$(addprefix image-,$(STAGE_IMAGES)): image-%: wheelhouse $(BASE_PREREQ)
+	@start=$$(date +%s); \
+	DOCKER_BUILDKIT=1 $(DOCKER) build --network none $(DOCKER_BUILD_FLAGS) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
+		-f dockerfiles/$*.Dockerfile -t $(IMAGE_PREFIX)$*:$(VERSION) . && \
+	echo "$(IMAGE_PREFIX)$*:$(VERSION): $$(( $$($(DOCKER) image inspect -f '{{.Size}}' $(IMAGE_PREFIX)$*:$(VERSION)) / 1000000 )) MB, built in $$(( $$(date +%s) - start ))s"
+
+# The serve image with BUNDLE copied to /bundle (context = the bundle folder).
+image-bundle: image-serve
+	@test -f "$(BUNDLE)/bundle.json" || { echo "BUNDLE=$(BUNDLE): no bundle.json there; pass a bundle folder (make bundle builds dist/bundles/cpu)" >&2; exit 2; }
+	DOCKER_BUILDKIT=1 $(DOCKER) build --network none $(DOCKER_BUILD_FLAGS) \
+		--build-arg SERVE_IMAGE=$(IMAGE_PREFIX)serve:$(VERSION) \
+		--build-arg BUNDLE_SHA256=$$(sha256sum "$(BUNDLE)/bundle.json" | cut -d' ' -f1) \
+		--build-arg BUNDLE_NAME=$(notdir $(patsubst %/,%,$(BUNDLE))) \
+		-f dockerfiles/bundle.Dockerfile -t $(BUNDLE_TAG) "$(BUNDLE)"
+
+images: $(addprefix image-,$(STAGE_IMAGES)) $(if $(BUNDLE),image-bundle) image-sizes
+
+image-sizes:
+	@$(DOCKER) image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^$(IMAGE_PREFIX)(train|build|serve):' || true
+
+# `make bundle IN_DOCKER=1`: the Makefile runs train and build through these commands, in the
+# slmops-train / slmops-build images, on the repository mounted at /work (as your uid, so the
+# files are yours) with .cache/slmops as the model cache.
+IN_DOCKER ?= 0
+DOCKER_RUN_FLAGS ?= --rm --init -u $$(id -u):$$(id -g) -v "$(CURDIR):/work" -v "$(CURDIR)/.cache/slmops:/cache"
+ifeq ($(IN_DOCKER),1)
+SLMOPS_TRAIN_CMD = mkdir -p .cache/slmops && $(DOCKER) run $(DOCKER_RUN_FLAGS) $(IMAGE_PREFIX)train:$(VERSION)
+SLMOPS_BUILD_CMD = mkdir -p .cache/slmops && $(DOCKER) run $(DOCKER_RUN_FLAGS) $(IMAGE_PREFIX)build:$(VERSION)
+STAGE_PREREQ = image-train image-build
+else
+SLMOPS_TRAIN_CMD = $(SLMOPS)
+SLMOPS_BUILD_CMD = $(SLMOPS)
+STAGE_PREREQ = install
+endif
