@@ -1,0 +1,171 @@
+"""``slmops deploy`` (ship + start + health-check + rollback), ``slmops deploy status`` and
+``slmops deploy rollback``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from slmops import __version__
+from slmops.deploy import CONTAINER_METRICS_PORT, CONTAINER_PORT
+from slmops.errors import SlmopsUsageError
+
+DEFAULT_IMAGE = f"slmops-serve:{__version__}"
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise SlmopsUsageError("--env", f"'{item}' is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@contextlib.contextmanager
+def engine_errors(host: str) -> Iterator[None]:
+    """Engine and connection failures as one-line errors (exit 1) that name the host. Without this, an
+    EPIPE from a dropped ssh connection would end the command silently (click turns EPIPE into exit 1)."""
+    from slmops.deploy.hosts import import_docker
+
+    docker = import_docker()
+    import requests
+
+    try:
+        yield
+    except (SlmopsUsageError, click.ClickException):
+        raise
+    except (ConnectionError, requests.exceptions.RequestException) as exc:
+        raise click.ClickException(f"lost the connection to the Docker engine of {host} ({exc}); check "
+                                   f"`slmops deploy status --host {host}` and run the command again") from exc
+    except docker.errors.DockerException as exc:
+        raise click.ClickException(f"the Docker engine of {host} refused: {exc}") from exc
+
+
+def _registry(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip().removeprefix("http://").removeprefix("https://").rstrip("/")
+    if not re.fullmatch(r"[\w.-]+(:\d+)?(/[\w.-]+)*", value):
+        raise SlmopsUsageError("--registry", f"'{value}' is not a registry address: expected HOST:PORT, e.g. 127.0.0.1:5000")
+    return value
+
+
+@click.group("deploy", invoke_without_command=True, context_settings=CONTEXT)
+@click.option("--host", "host_spec", default="local", envvar="SLMOPS_DEPLOY_HOST",
+              help="where to run: local, ssh://user@host[:port] or tcp://host:port ($SLMOPS_DEPLOY_HOST)")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="bundle folder from `slmops build`; omit for an image with a baked bundle")
+@click.option("--image", default=DEFAULT_IMAGE, help="serve image (make images builds it)")
+@click.option("--registry", default=None, metavar="HOST:PORT",
+              help="ship the image through this registry (push here, pull on the host) instead of a save/load stream")
+@click.option("--name", default="slmops-serve", help="container name on the host; the one it replaces stays as NAME-previous")
+@click.option("--port", type=int, default=CONTAINER_PORT, help="host port for gRPC")
+@click.option("--metrics-port", type=int, default=CONTAINER_METRICS_PORT, help="host port for Prometheus /metrics")
+@click.option("--no-metrics", is_flag=True, help="do not serve /metrics")
+@click.option("--bind", default="0.0.0.0", help="host address the ports are published on")
+@click.option("--timeout", type=float, default=120.0, help="seconds the new container gets to become SERVING")
+@click.option("--compress/--no-compress", default=None,
+              help="gzip the image stream  [default: on for remote hosts, off for local]")
+@click.option("--serve-arg", "serve_args", multiple=True, help="extra `slmops serve` argument (repeatable), e.g. --serve-arg=--threads=2")
+@click.option("--env", "env", multiple=True, help="KEY=VALUE in the container (repeatable), e.g. SLMOPS_ADMIN_TOKEN=...")
+@click.option("--restart", type=click.Choice(["unless-stopped", "always", "on-failure", "no"]), default="unless-stopped",
+              help="Docker restart policy of the server")
+@click.option("--force", is_flag=True, help="redeploy even when the same image, bundle and options already run")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.pass_context
+def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image: str, registry: str | None, name: str,
+                 port: int, metrics_port: int, no_metrics: bool, bind: str, timeout: float, compress: bool | None,
+                 serve_args: tuple[str, ...], env: tuple[str, ...], restart: str, force: bool, as_json: bool) -> None:
+    """Ship the serve image and a bundle to a Docker host and start it there, health-checked.
+
+    \b
+    slmops deploy --bundle dist/bundles/cpu                         # this machine's Docker engine
+    slmops deploy --host ssh://pi@edge-1 --bundle dist/bundles/cpu  # image via docker save | load
+    slmops deploy --host ssh://pi@edge-1 --registry reg.lan:5000 --bundle dist/bundles/cpu
+    slmops deploy status                                            # what runs where
+    slmops deploy rollback --host ssh://pi@edge-1                   # back to NAME-previous
+
+    The new container replaces NAME once it answers SERVING on grpc.health.v1; otherwise it is
+    removed and the previous container is started again (exit code 1).
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["host"] = host_spec
+    if ctx.invoked_subcommand is not None:
+        return
+    from slmops.deploy.deployer import DeployOptions, deploy
+    from slmops.deploy.hosts import parse_host
+
+    opts = DeployOptions(host=parse_host(host_spec), image=image, bundle=bundle, name=name, port=port,
+                         metrics_port=None if no_metrics else metrics_port, bind=bind, registry=_registry(registry),
+                         compress=compress, timeout=timeout, serve_args=list(serve_args), env=_env_pairs(env),
+                         restart=restart, force=force)
+    with engine_errors(host_spec):
+        result = deploy(opts)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    moved = result.image_transfer
+    image_note = moved.how if not moved.nbytes else f"{moved.how}, {moved.nbytes / 1e6:.0f} MB in {moved.seconds:.1f}s"
+    b = result.bundle_transfer
+    bundle_note = b.how if not b.nbytes else f"{b.how}, {b.nbytes / 1e6:.1f} MB in {b.seconds:.1f}s"
+    click.echo(f"{result.status} '{result.name}' on {result.host}: {result.image} ({image_note}), bundle {result.bundle} "
+               f"({bundle_note}); SERVING after {result.serving_after_s:.1f}s, {result.total_s:.1f}s in all")
+
+
+@deploy_group.command("status", context_settings=CONTEXT)
+@click.option("--host", "hosts", multiple=True,
+              help="host to list (repeatable)  [default: every host deployed to from here, else local]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON rows")
+@click.pass_context
+def status_command(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
+    """List the slmops serve containers (running, previous, stopped) on each host."""
+    from slmops.deploy.deployer import known_hosts, status
+    from slmops.deploy.hosts import parse_host
+
+    parent_host = (ctx.obj or {}).get("host")
+    specs = list(hosts) or ([parent_host] if parent_host not in (None, "local") else known_hosts())
+    rows = status([parse_host(h) for h in specs])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no slmops containers on {', '.join(specs)}")
+        return
+    columns = ["host", "name", "state", "health", "image", "bundle", "ports", "deployed_at"]
+    table: list[list[Any]] = [[str(r.get(c, "")) if r.get("state") != "unreachable" or c in ("host", "state")
+                               else "" for c in columns] for r in rows]
+    for row, r in zip(table, rows, strict=True):
+        if r.get("state") == "unreachable":
+            row[4] = r.get("detail", "")
+    widths = [max(len(c), *(len(row[i]) for row in table)) if i < len(columns) - 1 else 0 for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@deploy_group.command("rollback", context_settings=CONTEXT)
+@click.option("--host", "host_spec", default=None, help="host  [default: the --host given to `deploy`, else local]")
+@click.option("--name", default="slmops-serve", help="container name")
+@click.option("--timeout", type=float, default=120.0, help="seconds the previous container gets to become SERVING")
+@click.pass_context
+def rollback_command(ctx: click.Context, host_spec: str | None, name: str, timeout: float) -> None:
+    """Start NAME-previous again in place of NAME (which stays, stopped, as NAME-previous)."""
+    from slmops.deploy.deployer import rollback
+    from slmops.deploy.hosts import parse_host
+
+    host = parse_host(host_spec or (ctx.obj or {}).get("host"))
+    with engine_errors(str(host)):
+        click.echo(rollback(host, name, timeout))
+
+
+# The lazy root CLI registers "deploy" -> "slmops.deploy.cli:deploy_group".
+deploy_command = deploy_group

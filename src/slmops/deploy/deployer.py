@@ -1,0 +1,488 @@
+"""Deploy, roll back and list serve containers on Docker hosts.
+
+A deploy stops the container that runs under ``--name`` (the server drains on SIGTERM), keeps it
+as ``<name>-previous``, starts the new one and waits until it answers SERVING on
+``grpc.health.v1.Health`` (the image's own probe, run inside the container, so no port needs to be
+reachable from here). When it does not (it exits, turns unhealthy or stays NOT_SERVING past
+``--timeout``), it is removed and the previous container is renamed back and restarted: a failed
+deploy leaves the previous server running. Only one previous container is kept per name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+from slmops.bundle import BUNDLE_JSON, BundleError, BundleManifest, read_manifest, verify_files
+from slmops.deploy import (
+    BUNDLE_MOUNT,
+    CONTAINER_METRICS_PORT,
+    CONTAINER_PORT,
+    HEALTH_PROBE,
+    LABEL_BUNDLE_NAME,
+    LABEL_BUNDLE_SHA,
+    LABEL_CONFIG,
+    LABEL_DEPLOY,
+    LABEL_DEPLOYED_AT,
+    LABEL_IMAGE,
+    LABEL_IMAGE_ID,
+    LABEL_NAME,
+)
+from slmops.deploy.hosts import Host, connect, import_docker, parse_host
+from slmops.deploy.transfer import Moved, ensure_bundle, ensure_image, get_image
+from slmops.errors import SlmopsUsageError
+
+STOP_TIMEOUT = 40  # seconds docker gives a stopping server: its default drain (--grace-period 30) + margin
+
+
+class DeployError(click.ClickException):
+    """The new container did not become SERVING (exit code 1); the message says what was rolled back."""
+
+
+@dataclass
+class DeployOptions:
+    host: Host
+    image: str
+    bundle: Path | None = None
+    name: str = "slmops-serve"
+    port: int = CONTAINER_PORT
+    metrics_port: int | None = CONTAINER_METRICS_PORT  # None: /metrics not published
+    bind: str = "0.0.0.0"
+    registry: str | None = None
+    compress: bool | None = None  # None: gzip the image stream for remote hosts only
+    timeout: float = 120.0
+    serve_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restart: str = "unless-stopped"
+    force: bool = False
+
+
+@dataclass
+class DeployResult:
+    host: str
+    name: str
+    status: str  # deployed | unchanged
+    image: str
+    image_id: str
+    bundle: str | None
+    container_id: str
+    image_transfer: Moved
+    bundle_transfer: Moved
+    serving_after_s: float
+    total_s: float
+    previous: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+def check_bundle(bundle: Path) -> tuple[BundleManifest, str]:
+    """(manifest, sha256 of bundle.json) of a complete bundle; SlmopsUsageError('--bundle') otherwise."""
+    if not bundle.is_dir():
+        raise SlmopsUsageError("--bundle", f"'{bundle}' is not a folder; pass a bundle folder from `slmops build` "
+                               "(make bundle writes dist/bundles/cpu)")
+    try:
+        manifest = read_manifest(bundle)
+    except (BundleError, ValueError) as exc:
+        raise SlmopsUsageError("--bundle", str(exc)) from exc
+    problems = verify_files(bundle, manifest)
+    if problems:
+        raise SlmopsUsageError("--bundle", f"'{bundle}' does not match its {BUNDLE_JSON} ({'; '.join(problems[:5])}); "
+                               "rebuild it with `slmops build`")
+    return manifest, hashlib.sha256((bundle / BUNDLE_JSON).read_bytes()).hexdigest()
+
+
+def check_ports(opts: DeployOptions) -> None:
+    for option, port in (("--port", opts.port), ("--metrics-port", opts.metrics_port)):
+        if port is not None and not 1 <= port <= 65535:
+            raise SlmopsUsageError(option, f"{port} is not a TCP port (1-65535)")
+    if opts.metrics_port is not None and opts.metrics_port == opts.port:
+        raise SlmopsUsageError("--metrics-port", f"{opts.port} is also --port; choose another (or --no-metrics)")
+
+
+def _published(container: Any) -> list[tuple[str, int]]:
+    ports = (container.attrs.get("HostConfig") or {}).get("PortBindings") or {}
+    out = []
+    for bindings in ports.values():
+        for b in bindings or []:
+            if b.get("HostPort"):
+                out.append((b.get("HostIp") or "0.0.0.0", int(b["HostPort"])))
+    return out
+
+
+def check_port_conflicts(target: Any, opts: DeployOptions, ours: set[str]) -> None:
+    """A clear error when another container (or, on this machine, any process) holds a port we publish."""
+    wanted = [("--port", opts.port)] + ([("--metrics-port", opts.metrics_port)] if opts.metrics_port else [])
+    ours_ports: set[int] = set()
+    # One list call (not an inspect per container: over ssh:// every API call is an ssh session).
+    for summary in target.api.containers():
+        name = (summary.get("Names") or ["/?"])[0].lstrip("/")
+        published = {int(p["PublicPort"]) for p in summary.get("Ports") or [] if p.get("PublicPort")}
+        if name in ours:
+            ours_ports |= published
+            continue
+        for option, port in wanted:
+            if port in published:
+                raise SlmopsUsageError(option, f"port {port} on {opts.host} is published by container '{name}' "
+                                       f"({summary.get('Image', '?')}); stop that container or choose another {option}")
+    if opts.host.is_local and not os.environ.get("DOCKER_HOST", "unix://").startswith(("tcp://", "ssh://")):
+        for option, port in wanted:
+            if port in ours_ports:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((opts.bind if opts.bind not in ("", "0.0.0.0") else "0.0.0.0", port))
+                except OSError as exc:
+                    raise SlmopsUsageError(option, f"port {port} is in use on this machine ({exc.strerror}); stop what "
+                                           f"listens there or choose another {option}") from exc
+
+
+def _image_name(container: Any) -> str:
+    tags = container.attrs.get("Config", {}).get("Image")
+    return str(tags or container.attrs.get("Image", "?"))
+
+
+# ---- health -------------------------------------------------------------------------------------
+def probe(container: Any) -> tuple[int | None, str]:
+    """Run the image's health probe in ``container``: (exit code, output).
+
+    Low-level exec calls instead of ``exec_run``: over ``ssh://`` (the SDK's ssh client transport) the
+    engine may close the hijacked exec stream first, and closing it then raises BrokenPipeError after
+    the output was read; the exit code is then read with exec_inspect."""
+    api = container.client.api
+    exec_id = api.exec_create(container.id, HEALTH_PROBE)["Id"]
+    try:
+        output = api.exec_start(exec_id) or b""
+    except BrokenPipeError:
+        output = b""
+    code = None
+    for _ in range(20):
+        info = api.exec_inspect(exec_id)
+        if not info.get("Running"):
+            code = info.get("ExitCode")
+            break
+        time.sleep(0.1)
+    return code, output.decode(errors="replace").strip() if isinstance(output, bytes) else str(output)
+
+
+def wait_serving(container: Any, timeout: float, say: Callable[[str], None], interval: float = 1.0) -> tuple[bool, str, float]:
+    """(SERVING?, why, seconds): polls Docker's state and the image's health probe inside the container."""
+    docker = import_docker()
+    start = time.monotonic()
+    last = "no answer yet"
+    said = 0.0
+    while True:
+        elapsed = time.monotonic() - start
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return False, "the container disappeared", elapsed
+        state = container.attrs.get("State", {})
+        status = state.get("Status")
+        if status in ("exited", "dead") or state.get("Restarting") or int(container.attrs.get("RestartCount") or 0) > 0:
+            return False, f"the container {status or 'restarted'} (exit code {state.get('ExitCode')})", elapsed
+        health = (state.get("Health") or {}).get("Status")
+        if health == "healthy":
+            return True, "healthy", elapsed
+        if health == "unhealthy":
+            log = (state.get("Health") or {}).get("Log") or [{}]
+            return False, f"Docker's HEALTHCHECK says unhealthy ({(log[-1].get('Output') or '').strip()})", elapsed
+        if status == "running":
+            try:
+                code, output = probe(container)
+                if code == 0:
+                    return True, "SERVING", time.monotonic() - start
+                last = output or f"probe exit {code}"
+            except docker.errors.APIError as exc:
+                last = str(exc)
+        if elapsed > timeout:
+            return False, f"not SERVING after {timeout:.0f}s (last health answer: {last})", elapsed
+        if elapsed - said >= 10:
+            said = elapsed
+            say(f"  waiting for SERVING ({elapsed:.0f}s: {last})")
+        time.sleep(interval)
+
+
+def _logs(container: Any, lines: int = 25) -> str:
+    try:
+        return str(container.logs(tail=lines).decode(errors="replace").rstrip())
+    except Exception:  # logs are a courtesy in an error message
+        return "(no logs)"
+
+
+def _sayer(out: TextIO | None) -> Callable[[str], None]:
+    """Progress messages go to ``out`` (default stderr); results go to stdout."""
+    def say(text: str) -> None:
+        stream = out if out is not None else sys.stderr
+        stream.write(text + "\n")
+        stream.flush()
+    return say
+
+
+# ---- deploy -------------------------------------------------------------------------------------
+def _config_key(opts: DeployOptions, image_id: str, bundle_sha: str | None) -> str:
+    blob = json.dumps([image_id, bundle_sha, opts.port, opts.metrics_port, opts.bind, opts.serve_args,
+                       sorted(opts.env.items()), opts.restart], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _get(target: Any, name: str) -> Any | None:
+    docker = import_docker()
+    try:
+        return target.containers.get(name)
+    except docker.errors.NotFound:
+        return None
+
+
+def _create(target: Any, opts: DeployOptions, image_ref: str, volume: str | None, labels: dict[str, str]) -> Any:
+    docker = import_docker()
+    api = target.api
+    bindings: dict[str, Any] = {f"{CONTAINER_PORT}/tcp": (opts.bind, opts.port)}
+    command = ["serve", BUNDLE_MOUNT, "--port", str(CONTAINER_PORT)]
+    if opts.metrics_port is None:
+        command.append("--no-metrics")
+    else:
+        bindings[f"{CONTAINER_METRICS_PORT}/tcp"] = (opts.bind, opts.metrics_port)
+        command += ["--metrics-port", str(CONTAINER_METRICS_PORT)]
+    host_config = api.create_host_config(
+        port_bindings=bindings,
+        binds={volume: {"bind": BUNDLE_MOUNT, "mode": "ro"}} if volume else None,
+        init=True,
+        restart_policy={"Name": opts.restart} if opts.restart != "no" else None,
+        log_config=docker.types.LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+    )
+    created = api.create_container(image_ref, command=command + list(opts.serve_args), name=opts.name, labels=labels,
+                                   host_config=host_config, ports=[int(k.split("/")[0]) for k in bindings],
+                                   environment=opts.env or None, stop_timeout=STOP_TIMEOUT)
+    return target.containers.get(created["Id"])
+
+
+def _restore(target: Any, previous: Any | None, name: str, timeout: float, say: Callable[[str], None],
+             was_running: bool = True) -> str:
+    """Bring the previous container back as ``name``; returns a sentence for the error message."""
+    if previous is None:
+        return f"there was no previous container; nothing runs as '{name}' now"
+    try:
+        previous.reload()
+        if previous.name != name:
+            previous.rename(name)
+        if not was_running:
+            return f"the previous container '{name}' is back under its name (it was not running before, so it stays stopped)"
+        previous.start()
+    except Exception as exc:  # report, do not mask the original failure
+        return f"restarting the previous container '{name}' failed too: {exc}"
+    ok, why, seconds = wait_serving(previous, timeout, say)
+    image = previous.labels.get(LABEL_IMAGE, _image_name(previous))
+    if ok:
+        return f"rolled back: the previous container '{name}' ({image}) is SERVING again after {seconds:.1f}s"
+    return f"rolled back to the previous container '{name}' ({image}), but it is not SERVING either: {why}"
+
+
+def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
+    """Ship image and bundle to ``opts.host`` and switch ``opts.name`` to them, or roll back."""
+    docker = import_docker()
+    start = time.monotonic()
+    say = _sayer(out)
+
+    check_ports(opts)
+    manifest, bundle_sha = check_bundle(opts.bundle) if opts.bundle is not None else (None, None)
+    target = connect(opts.host)
+    local = target
+    if not opts.host.is_local:
+        try:
+            local = connect(parse_host("local"))
+        except SlmopsUsageError:
+            local = None
+    previous = _get(target, opts.name)
+    if previous is not None and previous.labels.get(LABEL_DEPLOY) != "1":
+        raise SlmopsUsageError("--name", f"a container named '{opts.name}' on {opts.host} was not deployed by slmops; "
+                               "remove it (docker rm -f) or choose another --name")
+    check_port_conflicts(target, opts, {opts.name, f"{opts.name}-previous"})
+    if opts.bundle is None:  # before any transfer: an image without a baked bundle needs --bundle
+        source = get_image(local, opts.image) or get_image(target, opts.image)
+        if source is not None and not source.labels.get(LABEL_BUNDLE_SHA):
+            raise SlmopsUsageError("--bundle", f"missing: {opts.image} has no bundle baked in; pass --bundle "
+                                   "dist/bundles/<target> (or bake one: make images BUNDLE=...)")
+
+    image_ref, image_moved = ensure_image(local, target, opts.host, opts.image, opts.registry, opts.compress, out)
+    image = target.images.get(image_ref)
+    volume, bundle_moved = None, Moved("baked")
+    if manifest is not None and opts.bundle is not None and bundle_sha is not None:
+        volume, bundle_moved = ensure_bundle(target, image_ref, opts.bundle, manifest, bundle_sha, str(opts.host), out)
+        bundle_label = f"{manifest.target.name}@{bundle_sha[:12]}"
+    else:
+        bundle_sha = image.labels.get(LABEL_BUNDLE_SHA) or None
+        if not bundle_sha:
+            raise SlmopsUsageError("--bundle", f"missing: {opts.image} has no bundle baked in; pass --bundle "
+                                   "dist/bundles/<target> (or bake one: make images BUNDLE=...)")
+        bundle_label = f"{image.labels.get(LABEL_BUNDLE_NAME) or 'baked'}@{bundle_sha[:12]} (baked)"
+    key = _config_key(opts, image.id, bundle_sha)
+
+    if previous is not None and not opts.force and previous.labels.get(LABEL_CONFIG) == key \
+            and previous.status == "running":
+        ok, _, _ = wait_serving(previous, 5, say)
+        if ok:
+            say(f"'{opts.name}' on {opts.host} already runs {image_ref} with bundle {bundle_label}, SERVING (--force redeploys)")
+            return DeployResult(str(opts.host), opts.name, "unchanged", image_ref, image.id, bundle_label, previous.id,
+                                image_moved, bundle_moved, 0.0, time.monotonic() - start)
+
+    labels = {LABEL_DEPLOY: "1", LABEL_NAME: opts.name, LABEL_IMAGE: image_ref, LABEL_IMAGE_ID: image.id,
+              LABEL_CONFIG: key, LABEL_BUNDLE_SHA: bundle_sha or "", LABEL_BUNDLE_NAME: bundle_label,
+              LABEL_DEPLOYED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    older = _get(target, f"{opts.name}-previous")
+    if older is not None:
+        older.remove(force=True)
+    previous_desc = None
+    was_running = previous is not None and previous.status in ("running", "restarting")
+    if previous is not None:
+        previous_desc = previous.labels.get(LABEL_IMAGE, _image_name(previous))
+        say(f"stopping '{opts.name}' ({previous_desc}); it stays as '{opts.name}-previous' for a rollback")
+        previous.stop(timeout=STOP_TIMEOUT)
+        previous.rename(f"{opts.name}-previous")
+
+    say(f"starting '{opts.name}' on {opts.host}: {image_ref}, bundle {bundle_label}, port {opts.port}")
+    new = None
+    try:
+        new = _create(target, opts, image_ref, volume, labels)
+        new.start()
+    except docker.errors.APIError as exc:
+        if new is not None:
+            new.remove(force=True)
+        rolled = _restore(target, previous, opts.name, opts.timeout, say, was_running)
+        text = str(exc.explanation or exc)
+        if "port is already allocated" in text or "address already in use" in text:
+            raise SlmopsUsageError("--port", f"cannot publish port {opts.port}/{opts.metrics_port} on {opts.host} "
+                                   f"({text}); choose another --port/--metrics-port. {rolled}") from exc
+        raise DeployError(f"starting the new container on {opts.host} failed ({text}); {rolled}") from exc
+    ok, why, serving_after = wait_serving(new, opts.timeout, say)
+    if not ok:
+        logs = _logs(new)
+        new.remove(force=True)
+        rolled = _restore(target, previous, opts.name, opts.timeout, say, was_running)
+        raise DeployError(f"the new container ({image_ref}, bundle {bundle_label}) did not become SERVING: {why}; it was "
+                          f"removed and {rolled}.\n--- its last log lines ---\n{logs}")
+    say(f"'{opts.name}' on {opts.host} is SERVING after {serving_after:.1f}s")
+    prune_bundle_volumes(target)
+    result = DeployResult(str(opts.host), opts.name, "deployed", image_ref, image.id, bundle_label, new.id, image_moved,
+                          bundle_moved, serving_after, time.monotonic() - start, previous_desc)
+    record(opts.host, opts.name, image_ref, bundle_label)
+    return result
+
+
+def prune_bundle_volumes(target: Any) -> list[str]:
+    """Remove slmops bundle volumes that no container (running or stopped) uses any more."""
+    used = {m.get("Name") for c in target.api.containers(all=True) for m in c.get("Mounts") or []}
+    removed = []
+    for volume in target.volumes.list(filters={"label": LABEL_DEPLOY}):
+        if volume.name not in used:
+            try:
+                volume.remove()
+                removed.append(volume.name)
+            except Exception:  # in use by a container created meanwhile: keep it
+                pass
+    return removed
+
+
+# ---- rollback -----------------------------------------------------------------------------------
+def rollback(host: Host, name: str, timeout: float = 120.0, out: TextIO | None = None) -> str:
+    """Swap ``name`` and ``name-previous``: start the previous container, keep the current one stopped."""
+    say = _sayer(out)
+
+    target = connect(host)
+    previous = _get(target, f"{name}-previous")
+    if previous is None or previous.labels.get(LABEL_DEPLOY) != "1":
+        raise SlmopsUsageError("--name", f"no container '{name}-previous' on {host} to roll back to")
+    current = _get(target, name)
+    if current is not None:
+        current.stop(timeout=STOP_TIMEOUT)
+        current.rename(f"{name}-rollback")
+    previous.rename(name)
+    previous.start()
+    ok, why, seconds = wait_serving(previous, timeout, say)
+    if not ok:
+        logs = _logs(previous)
+        previous.stop(timeout=STOP_TIMEOUT)
+        previous.rename(f"{name}-previous")
+        restored = "nothing else was running"
+        if current is not None:
+            current.rename(name)
+            current.start()
+            back, _, _ = wait_serving(current, timeout, say)
+            restored = "the current container runs again" + ("" if back else " but is not SERVING")
+        raise DeployError(f"the previous container did not become SERVING ({why}); {restored}.\n--- its logs ---\n{logs}")
+    if current is not None:
+        current.rename(f"{name}-previous")
+    image = previous.labels.get(LABEL_IMAGE, _image_name(previous))
+    record(host, name, image, previous.labels.get(LABEL_BUNDLE_NAME, "?"))
+    return f"'{name}' on {host} rolled back to {image} (bundle {previous.labels.get(LABEL_BUNDLE_NAME, '?')}), SERVING after {seconds:.1f}s"
+
+
+# ---- status -------------------------------------------------------------------------------------
+def state_file() -> Path:
+    """Where deploys are recorded (``$SLMOPS_DEPLOY_STATE``, else $XDG_STATE_HOME/slmops/deployments.json)."""
+    if os.environ.get("SLMOPS_DEPLOY_STATE"):
+        return Path(os.environ["SLMOPS_DEPLOY_STATE"])
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "slmops" / "deployments.json"
+
+
+def _read_state() -> dict[str, Any]:
+    try:
+        data = json.loads(state_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record(host: Host, name: str, image: str, bundle: str) -> None:
+    data = _read_state()
+    data.setdefault(str(host), {})[name] = {"image": image, "bundle": bundle,
+                                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path = state_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass  # the record only feeds `deploy status` without --host
+
+
+def known_hosts() -> list[str]:
+    return sorted(_read_state()) or ["local"]
+
+
+def status(hosts: list[Host]) -> list[dict[str, Any]]:
+    """One row per slmops container on each host (or one 'unreachable' row per host that does not answer)."""
+    rows: list[dict[str, Any]] = []
+    for host in hosts:
+        try:
+            client = connect(host, timeout=30)
+        except SlmopsUsageError as exc:
+            rows.append({"host": str(host), "name": "-", "state": "unreachable", "detail": exc.message})
+            continue
+        for c in sorted(client.containers.list(all=True, filters={"label": LABEL_NAME}), key=lambda c: c.name):
+            state = c.attrs.get("State", {})
+            rows.append({
+                "host": str(host), "name": c.name, "state": state.get("Status", "?"),
+                "health": (state.get("Health") or {}).get("Status", "-") if state.get("Status") == "running" else "-",
+                "image": c.labels.get(LABEL_IMAGE, _image_name(c)), "bundle": c.labels.get(LABEL_BUNDLE_NAME, "-"),
+                "ports": ", ".join(f"{ip}:{port}" for ip, port in _published(c)) or "-",
+                "deployed_at": c.labels.get(LABEL_DEPLOYED_AT, "-"), "started_at": state.get("StartedAt", "-")[:19],
+                "id": c.short_id,
+            })
+    return rows
