@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Container CI: installs Docker (Debian's docker.io 20.10), docker-registry, mmdebstrap and sshd
+# (for the ssh:// deploy test), starts dockerd and a registry on 127.0.0.1:5000 when none runs,
+# builds the local base image, the wheelhouse and the three images (offline, timed: cold on a
+# fresh machine, then the cached rebuild), runs `pytest tests/containers`, and stops what it
+# started, by PID.
+#
+#   scripts/ci_containers.sh [PYTEST_ARGS...]
+#
+# Idempotent: installed packages, a running engine or registry, the base image, the wheelhouse and
+# Docker's build cache are all reused. Exits with pytest's status (non-zero when a test fails).
+# Environment: PY (default .venv/bin/python), SLMOPS_CI_STATE (logs and registry data, default
+# /tmp/slmops-ci-containers), REGISTRY_ADDR (default 127.0.0.1:5000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PY:-.venv/bin/python}"
+STATE="${SLMOPS_CI_STATE:-/tmp/slmops-ci-containers}"
+REGISTRY_ADDR="${REGISTRY_ADDR:-127.0.0.1:5000}"
+DOCKER=/usr/bin/docker   # Debian's 20.10 client: BuildKit builds without buildx
+mkdir -p "$STATE"
+t0=$(date +%s)
+say() { echo "== containers [$(( $(date +%s) - t0 ))s]: $*"; }
+sudo_cmd=()
+[ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+
+# ---- packages ------------------------------------------------------------------------------------
+missing=()
+# openssh-server/-client and iproute2: the ssh:// deploy test (a second engine behind a local sshd).
+for pkg in docker.io docker-registry mmdebstrap openssh-server openssh-client iproute2; do
+    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "apt-get install ${missing[*]}"
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        > "$STATE/apt.log" 2>&1 || { cat "$STATE/apt.log"; exit 1; }
+fi
+if ! "$PY" -c "import docker" 2>/dev/null; then
+    say "installing the docker SDK (the deploy extra)"
+    "$PY" -m pip install -q "docker>=7"
+fi
+
+# ---- daemons: started here -> stopped here (by PID), at exit, whatever happens --------------------
+DOCKERD_PID=""
+REGISTRY_PID=""
+stop_pid() {  # PID NAME: SIGTERM, wait up to 30 s, then SIGKILL
+    local pid=$1 name=$2
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || { say "stopped $name (pid $pid)"; return 0; }; sleep 0.5; done
+    say "$name (pid $pid) did not stop in 30s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+cleanup() {
+    local rc=$?
+    [ -n "$REGISTRY_PID" ] && stop_pid "$REGISTRY_PID" docker-registry
+    [ -n "$DOCKERD_PID" ] && stop_pid "$DOCKERD_PID" dockerd
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if "$DOCKER" info >/dev/null 2>&1; then
+    say "using the running Docker engine"
+else
+    say "starting dockerd (log: $STATE/dockerd.log)"
+    "${sudo_cmd[@]}" dockerd > "$STATE/dockerd.log" 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 120); do
+        "$DOCKER" info >/dev/null 2>&1 && break
+        kill -0 "$DOCKERD_PID" 2>/dev/null || { tail -20 "$STATE/dockerd.log"; say "dockerd exited"; DOCKERD_PID=""; break; }
+        sleep 0.5
+    done
+    if ! "$DOCKER" info >/dev/null 2>&1; then
+        say "no Docker engine could start here; tests/containers will skip, saying why"
+        "$PY" -m pytest -q -ra tests/containers "$@"
+        exit $?
+    fi
+fi
+
+answers() { "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null; }
+if answers "http://$REGISTRY_ADDR/v2/"; then
+    say "using the registry at $REGISTRY_ADDR"
+else
+    mkdir -p "$STATE/registry"
+    cat > "$STATE/registry.yml" <<YAML
+version: 0.1
+log: {level: warn}
+storage:
+  filesystem: {rootdirectory: $STATE/registry}
+  delete: {enabled: true}
+http: {addr: "$REGISTRY_ADDR"}
+YAML
+    say "starting docker-registry on $REGISTRY_ADDR"
+    docker-registry serve "$STATE/registry.yml" > "$STATE/registry.log" 2>&1 &
+    REGISTRY_PID=$!
+    for _ in $(seq 50); do answers "http://$REGISTRY_ADDR/v2/" && break; sleep 0.2; done
+    answers "http://$REGISTRY_ADDR/v2/" || { tail -5 "$STATE/registry.log"; say "docker-registry did not start"; exit 1; }
+fi
+
+# ---- base image, wheelhouse, images (timed) -------------------------------------------------------
+s=$(date +%s)
+make --no-print-directory -f mk/docker.mk base-image DOCKER="$DOCKER"
+say "base image ready in $(( $(date +%s) - s ))s"
+s=$(date +%s)
+make --no-print-directory -f mk/docker.mk wheelhouse
+say "wheelhouse ready in $(( $(date +%s) - s ))s"
+s=$(date +%s)
+make --no-print-directory -f mk/docker.mk images OFFLINE=1 DOCKER="$DOCKER" DOCKER_BUILD_FLAGS="--progress plain" \
+    > "$STATE/images.log" 2>&1 || { tail -60 "$STATE/images.log"; say "make images failed"; exit 1; }
+grep -E "MB, built in" "$STATE/images.log" || true
+say "images built in $(( $(date +%s) - s ))s (build log: $STATE/images.log)"
+s=$(date +%s)
+make --no-print-directory -f mk/docker.mk images OFFLINE=1 DOCKER="$DOCKER" > "$STATE/images-cached.log" 2>&1
+say "cached rebuild of the three images: $(( $(date +%s) - s ))s"
+"$DOCKER" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^slmops-' || true
+
+# ---- tests ----------------------------------------------------------------------------------------
+say "pytest tests/containers"
+set +e
+SLMOPS_TEST_REGISTRY="$REGISTRY_ADDR" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    "$PY" -m pytest -q -ra -s -p no:cacheprovider tests/containers "$@"
+rc=$?
+set -e
+say "pytest exit code $rc"
+exit $rc

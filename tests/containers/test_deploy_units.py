@@ -1,0 +1,102 @@
+"""Deploy pieces that need no Docker engine: host parsing, the bundle tar stream, option errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from slmops.errors import SlmopsUsageError
+from tests.containers.conftest import run_slmops
+
+pytest.importorskip("docker", reason="the docker SDK (slmops[deploy]) is not installed")
+
+
+@pytest.mark.parametrize("spec,kind", [("local", "local"), ("ssh://pi@edge-1", "ssh"), ("ssh://edge-1:2222", "ssh"),
+                                       ("tcp://10.0.0.5:2375", "tcp"), ("unix:///run/docker.sock", "unix")])
+def test_parse_host(spec: str, kind: str) -> None:
+    from slmops.deploy.hosts import parse_host
+
+    assert parse_host(spec).kind == kind
+
+
+@pytest.mark.parametrize("spec,hint", [("edge-1", "is not a Docker host"), ("pi@edge-1", "did you mean ssh://pi@edge-1"),
+                                       ("http://edge-1", "is not a Docker host"), ("tcp://edge-1", "tcp://host:port")])
+def test_parse_host_refuses(spec: str, hint: str) -> None:
+    from slmops.deploy.hosts import parse_host
+
+    with pytest.raises(SlmopsUsageError) as info:
+        parse_host(spec)
+    assert info.value.option == "--host" and hint in info.value.message
+
+
+def test_split_ref() -> None:
+    from slmops.deploy.transfer import split_ref
+
+    assert split_ref("slmops-serve:0.1.0") == ("slmops-serve", "0.1.0")
+    assert split_ref("127.0.0.1:5000/slmops-serve:0.1.0") == ("127.0.0.1:5000/slmops-serve", "0.1.0")
+    assert split_ref("127.0.0.1:5000/slmops-serve") == ("127.0.0.1:5000/slmops-serve", "latest")
+
+
+def test_tar_stream_round_trips(tmp_path: Path) -> None:
+    from slmops.deploy.transfer import tar_stream
+
+    (tmp_path / "model").mkdir()
+    files = {"bundle.json": b"{}", "model/model.onnx": bytes(range(256)) * 5000, "model/empty": b"",
+             "adapters/a.onnx_adapter": b"x" * 513}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    blob = b"".join(tar_stream([(n, tmp_path / n) for n in files]))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name, data in files.items():
+            member = members[name]
+            assert member.uid == 0 and member.mode == 0o644
+            extracted = tar.extractfile(member)
+            assert extracted is not None and extracted.read() == data
+        assert members["model"].isdir() and members["model"].mode == 0o755
+
+
+def test_gzip_chunks() -> None:
+    import gzip
+
+    from slmops.deploy.transfer import gzip_chunks
+
+    data = [b"abc" * 1000, b"", b"xyz" * 5000]
+    assert gzip.decompress(b"".join(gzip_chunks(data))) == b"".join(data)
+
+
+def test_cli_bad_inputs_exit_2_naming_the_option(tmp_path: Path) -> None:
+    cases = [
+        (["deploy", "--host", "edge-1", "--bundle", str(tmp_path)], "--host"),
+        (["deploy", "--host", "local", "--bundle", str(tmp_path / "missing")], "--bundle"),
+        (["deploy", "--host", "local", "--bundle", str(tmp_path)], "--bundle"),  # no bundle.json
+        (["deploy", "--bundle", str(tmp_path), "--port", "70000"], "--port"),
+        (["deploy", "--bundle", str(tmp_path), "--port", "6000", "--metrics-port", "6000"], "--metrics-port"),
+        (["deploy", "--bundle", str(tmp_path), "--registry", "not a registry"], "--registry"),
+        (["deploy", "--bundle", str(tmp_path), "--env", "NOEQUALS"], "--env"),
+    ]
+    for args, option in cases:
+        proc = run_slmops(args, env={"SLMOPS_DEPLOY_STATE": str(tmp_path / "s.json")}, timeout=60)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith(f"Error: {option}:"), (args, proc.stderr)
+
+
+def test_corrupt_bundle_is_refused_before_anything_moves(tmp_path: Path) -> None:
+    from slmops.deploy.deployer import check_bundle
+
+    bundle = tmp_path / "b"
+    (bundle / "model").mkdir(parents=True)
+    (bundle / "model" / "model.onnx").write_bytes(b"weights")
+    manifest = {"schema_version": 1, "created_at": "x", "target": {"name": "cpu", "execution_provider": "cpu",
+                "precision": "fp32", "adapter_dtype": "float32"},
+                "base_model": {"name": "m", "source": "s", "sha256": "0"}, "files": {"model/model.onnx": "0" * 64},
+                "lora_template": {"abi_version": 1, "modules": [], "num_layers": 0, "dtype": "float32", "inputs": []}}
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(SlmopsUsageError) as info:
+        check_bundle(bundle)
+    assert info.value.option == "--bundle" and "sha256 mismatch" in info.value.message
