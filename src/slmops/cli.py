@@ -21,6 +21,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("slmops_serve.cli:serve_command", "Serve a bundle over gRPC with hot-swappable adapters."),
     "generate": ("slmops_serve.cli:generate_command", "Generate text from a running server (client)."),
     "adapters": ("slmops_serve.cli:adapters_group", "List, load and unload adapters on a running server (client)."),
+    "deploy": ("slmops.deploy.cli:deploy_group",
+               "Ship the serve image and a bundle to a Docker host, health-checked, with rollback."),
 }
 
 
@@ -41,7 +43,7 @@ class LazyGroup(click.Group):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            extra = {"train": "train", "build": "build", "serve": "serve"}.get(cmd_name, "all")
+            extra = {"train": "train", "build": "build", "serve": "serve", "deploy": "deploy"}.get(cmd_name, "all")
             raise click.ClickException(
                 f"`slmops {cmd_name}` needs the '{extra}' extra ({exc.name} is missing): "
                 f"pip install 'slmops[{extra}]' or run `make install`"
