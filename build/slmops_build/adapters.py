@@ -289,5 +289,5 @@ def convert_adapter(peft_dir: str | Path, template: LoraTemplate, dtype: str, ou
         alpha=float(config.get("lora_alpha", config.get("r", 0))),
         target_modules=modules,
         dtype=dtype,
-        source_run=str(run_dir) if run_dir else str(adapter_dir),
+        source_run=str((run_dir or adapter_dir).resolve()),
     )

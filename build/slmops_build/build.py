@@ -239,6 +239,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
         return out
 
     timings: dict[str, float] = {}
+    export_report: dict[str, Any] = {}
     with atomic_output_dir(out, config.overwrite) as tmp:
         work = Path(tempfile.mkdtemp(prefix="slmops-build-"))
         try:
@@ -248,11 +249,11 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
                 console.print(f"merging adapter [bold]{config.merge}[/] into the base weights")
                 merged_dir = merge_adapter(model_dir, adapters[config.merge].adapter_dir, work / "merged")
                 template = export_base_model(merged_dir, tmp / "model", target, None, config.extra_options,
-                                             work_dir=work / "export", with_lora=False)
+                                             work_dir=work / "export", with_lora=False, report=export_report)
             else:
                 console.print(f"exporting {base.name} for target [bold]{target.name}[/] ({target.precision}, LoRA inputs on {modules})")
                 template = export_base_model(model_dir, tmp / "model", target, modules, config.extra_options,
-                                             work_dir=work / "export")
+                                             work_dir=work / "export", report=export_report)
             timings["export_s"] = round(time.time() - t0, 2)
 
             t0 = time.time()
@@ -290,6 +291,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
                 "lora_modules": modules,
                 "builder_options": {**{k: str(v) for k, v in target.builder_options.items()}, **config.extra_options},
                 "session_options": target.session_options,
+                "export": export_report,
                 "timings": timings,
             }
             write_manifest(tmp, target, template, base, infos, validation, key, build_info,

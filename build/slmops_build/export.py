@@ -31,7 +31,7 @@ from typing import Any
 from slmops.bundle import LoraInput, LoraTemplate
 from slmops.errors import SlmopsUsageError
 from slmops.targets import Target
-from slmops_build.quantize import builder_extra_options
+from slmops_build.quantize import builder_extra_options, merged_options, quantize_graph, quantizer_for
 
 # The adapter ABI of decoder-only Llama-style models: leaf module name -> builder group name.
 ABI_MODULES: dict[str, str] = {
@@ -134,13 +134,14 @@ def make_template_adapter(model_dir: str | Path, modules: list[str], out_dir: Pa
 # ---- running the model builder --------------------------------------------------------------
 def run_builder(model_dir: str | Path, out_dir: Path, target: Target, adapter_path: Path | None = None,
                 lora_nodes: list[str] | None = None, extra_options: dict[str, str] | None = None,
-                log_path: Path | None = None, in_process: bool | None = None) -> float:
+                log_path: Path | None = None, in_process: bool | None = None, precision: str | None = None) -> float:
     """Run the onnxruntime-genai model builder; return its seconds.
 
     By default in a subprocess (``python -m onnxruntime_genai.models.builder``): that keeps the
     builder's memory (the whole torch model) out of this process and its console noise in
     ``log_path``. ``in_process=True`` (or ``SLMOPS_BUILDER_IN_PROCESS=1``) calls its Python API
     instead, which saves the ~10 s import on small models (tests). Failures raise ExportError.
+    ``precision`` overrides the builder's ``-p`` (fp32 when slmops' quantizer runs afterwards).
     """
     options = builder_extra_options(target, lora_nodes or [], extra_options or {})
     if adapter_path is not None:
@@ -149,13 +150,14 @@ def run_builder(model_dir: str | Path, out_dir: Path, target: Target, adapter_pa
         in_process = os.environ.get("SLMOPS_BUILDER_IN_PROCESS", "0") not in ("0", "", "false")
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(tempfile.mkdtemp(prefix="slmops-builder-cache-"))
-    args = ["-i", str(model_dir), "-o", str(out_dir), "-p", target.precision, "-e", target.execution_provider, "-c", str(cache)]
+    precision = precision or target.precision
+    args = ["-i", str(model_dir), "-o", str(out_dir), "-p", precision, "-e", target.execution_provider, "-c", str(cache)]
     kv = [f"{k}={v}" for k, v in options.items()]
     log_path = log_path or out_dir.parent / f"{out_dir.name}.builder.log"
     started = time.time()
     try:
         if in_process:
-            returncode = _builder_in_process(model_dir, out_dir, target, cache, kv, log_path)
+            returncode = _builder_in_process(model_dir, out_dir, precision, target.execution_provider, cache, kv, log_path)
         else:
             cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", *args]
             if kv:
@@ -171,8 +173,8 @@ def run_builder(model_dir: str | Path, out_dir: Path, target: Target, adapter_pa
     return time.time() - started
 
 
-def _builder_in_process(model_dir: str | Path, out_dir: Path, target: Target, cache: Path, kv: list[str],
-                        log_path: Path) -> int:
+def _builder_in_process(model_dir: str | Path, out_dir: Path, precision: str, provider: str, cache: Path,
+                        kv: list[str], log_path: Path) -> int:
     import contextlib
     import logging
     import traceback
@@ -184,10 +186,8 @@ def _builder_in_process(model_dir: str | Path, out_dir: Path, target: Target, ca
     quant_logger.setLevel(logging.WARNING)
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            options = builder.parse_extra_options(None, str(model_dir), str(out_dir), target.precision,
-                                                  target.execution_provider, str(cache), kv)
-            builder.create_model(None, str(model_dir), str(out_dir), target.precision, target.execution_provider,
-                                 str(cache), **options)
+            options = builder.parse_extra_options(None, str(model_dir), str(out_dir), precision, provider, str(cache), kv)
+            builder.create_model(None, str(model_dir), str(out_dir), precision, provider, str(cache), **options)
         except Exception:  # noqa: BLE001 - reported with the log tail like a subprocess failure
             traceback.print_exc(file=log)
             return 1
@@ -320,13 +320,21 @@ def io_dtype_name(model_dir: Path) -> str:
 # ---- the whole export -----------------------------------------------------------------------
 def export_base_model(model_dir: str | Path, out_dir: Path, target: Target, lora_modules: list[str] | None,
                       extra_options: dict[str, str] | None = None, work_dir: Path | None = None,
-                      with_lora: bool = True, in_process: bool | None = None) -> LoraTemplate:
+                      with_lora: bool = True, in_process: bool | None = None,
+                      report: dict[str, Any] | None = None) -> LoraTemplate:
     """Export ``model_dir`` for ``target`` into ``out_dir`` and return its adapter ABI.
 
     ``with_lora=False`` exports a plain graph (no LoRA inputs; used for merged bundles and as the
-    benchmark baseline); its template lists no inputs.
+    benchmark baseline); its template lists no inputs. ``report`` receives the quantization
+    figures and timings.
     """
     out_dir = Path(out_dir)
+    extra_options = extra_options or {}
+    quantizer = quantizer_for(target, extra_options)
+    # slmops' quantizer works on the fp32 export; the builder's quantizes while exporting.
+    build_precision = "fp32" if quantizer == "slmops" else target.precision
+    report = report if report is not None else {}
+    started = time.time()
     own_work = work_dir is None
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="slmops-export-"))
     try:
@@ -336,17 +344,24 @@ def export_base_model(model_dir: str | Path, out_dir: Path, target: Target, lora
             template_dir = make_template_adapter(model_dir, modules, work / "template_adapter")
             num_layers = _num_layers(model_dir)
             nodes = [lora_node_name(i, m, w) for i in range(num_layers) for m in modules for w in "AB"]
-            run_builder(model_dir, raw, target, adapter_path=template_dir, lora_nodes=nodes,
-                        extra_options=extra_options, log_path=work / "builder.log", in_process=in_process)
+            run_builder(model_dir, raw, target, adapter_path=template_dir, lora_nodes=nodes, extra_options=extra_options,
+                        log_path=work / "builder.log", in_process=in_process, precision=build_precision)
             template = expose_lora_inputs(raw, out_dir)
         else:
             run_builder(model_dir, raw, target, extra_options=extra_options, log_path=work / "builder.log",
-                        in_process=in_process)
+                        in_process=in_process, precision=build_precision)
             out_dir.mkdir(parents=True, exist_ok=True)
             for path in raw.iterdir():
                 if path.is_file():
                     shutil.move(str(path), out_dir / path.name)
             template = LoraTemplate(modules=[], num_layers=_num_layers(model_dir), dtype=io_dtype_name(out_dir), inputs=[])
+        report["builder_s"] = round(time.time() - started, 2)
+        report["quantizer"] = quantizer or "none"
+        if quantizer == "slmops":
+            t0 = time.time()
+            bits = 4 if target.precision == "int4" else 8
+            report["quantization"] = quantize_graph(out_dir, bits, merged_options(target, extra_options))
+            report["quantize_s"] = round(time.time() - t0, 2)
         if target.session_options:
             set_session_options(out_dir, target.session_options)
         return template
