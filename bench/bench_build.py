@@ -124,13 +124,14 @@ def main() -> None:
             out = root / f"lora-{precision}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.time()
-            template = export_base_model(hf_dir, out / "model", target, None, extra)
+            report: dict[str, Any] = {}
+            template = export_base_model(hf_dir, out / "model", target, None, extra, report=report)
             export_s = time.time() - t0
             for name, adapter in adapters.items():
                 convert_adapter(adapter.adapter_dir, template, template.dtype, out / "adapters" / f"{name}.onnx_adapter", name)
             ppl, ppl_fp32 = perplexities(out / "model", hf_dir, texts, args.threads, torch_cache)
             results["precisions"][precision] = {
-                "export_s": round(export_s, 1), "bundle_bytes": dir_size(out), "model_bytes": dir_size(out / "model"),
+                "export_s": round(export_s, 1), "quantizer": report.get("quantizer"), "bundle_bytes": dir_size(out), "model_bytes": dir_size(out / "model"),
                 "ppl": round(ppl, 4), "ppl_pytorch_fp32": round(ppl_fp32, 4), "ppl_increase_pct": round((ppl / ppl_fp32 - 1) * 100, 2),
             }
             exported[precision] = out
@@ -165,11 +166,11 @@ def main() -> None:
         variants: dict[str, tuple[Any, str | None]] = {"plain": (plain, None), "lora_graph_no_adapter": (lora, None)}
         variants.update({f"lora_graph+{n}": (lora, n) for n in adapters})
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-        for model, adapter in variants.values():  # warm-up
-            decode_speed(model, og_adapters, ids, 8, adapter)
+        for model, active in variants.values():  # warm-up
+            decode_speed(model, og_adapters, ids, 8, active)
         for _ in range(args.repeats):
-            for key, (model, adapter) in variants.items():
-                runs[key].append(decode_speed(model, og_adapters, ids, args.new_tokens, adapter))
+            for key, (model, active) in variants.items():
+                runs[key].append(decode_speed(model, og_adapters, ids, args.new_tokens, active))
         base_tps = statistics.median(r[0] for r in runs["plain"])
         results["speed"].update(precision=sp, prompt_tokens=len(ids), new_tokens=args.new_tokens, repeats=args.repeats)
         for key, values in runs.items():
