@@ -122,6 +122,11 @@ def build_command(config_path: Path | None, **options: Any) -> None:
         err.print("[red]bundle validation failed[/]; nothing was written:")
         for failure in exc.failures:
             err.print(f"  - {failure}")
+        for name, entry in exc.report.get("adapters", {}).items():
+            figures = {k: entry[k] for k in ("metric", "bundle", "pytorch", "drop_points", "token_agreement", "rows") if k in entry}
+            err.print(f"  adapter {name}: {figures}")
+        if exc.report.get("perplexity"):
+            err.print(f"  perplexity: {exc.report['perplexity']}")
         sys.exit(1)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from exc
