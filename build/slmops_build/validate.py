@@ -133,8 +133,9 @@ def eval_set(adapter: PeftAdapter | None, tokenizer: Any, bounds: Bounds) -> Eva
     label_task = (record.get("task") or {}).get("type") == "classification"
     ref_tokens = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
     max_new = bounds.max_new_tokens or config.eval_max_new_tokens or min(ref_tokens + 8, MAX_NEW_TOKENS_CAP)
+    assert adapter is not None and adapter.run_dir is not None  # record came from the run folder
     return EvalSet(prompts=prompts, references=refs, label_task=label_task, chat=config.use_chat_template,
-                   max_new_tokens=max_new, source=f"{adapter.run_dir} ({config.eval_split})" if adapter else "", texts=texts)
+                   max_new_tokens=max_new, source=f"{adapter.run_dir.resolve()} ({config.eval_split})", texts=texts)
 
 
 # ---- metrics ------------------------------------------------------------------------------
