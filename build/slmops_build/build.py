@@ -124,17 +124,10 @@ def build_config(values: dict[str, Any], source: str = "") -> BuildConfig:
 
 def load_build_yaml(path: str | Path) -> dict[str, Any]:
     """A build YAML: any BuildConfig field; relative adapter paths resolve against the cwd, else the file."""
-    import yaml
+    from slmops.configfile import load_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise SlmopsUsageError("--config", f"'{path}' does not exist; pass a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SlmopsUsageError("--config", f"'{path}' is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SlmopsUsageError("--config", f"'{path}' must hold a mapping of options")
+    data = load_yaml(path)
     adapters = data.get("adapters")
     if isinstance(adapters, dict):
         resolved = {}

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slmops.configfile import load_yaml
 from slmops.errors import SlmopsUsageError
 
 # `train`, `train[:4096]`, `train[4096:4224]`, `train[:90%]`, `validation`
@@ -149,19 +149,6 @@ def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
             raise SlmopsUsageError(option, f"unknown option{where}; see `slmops train --help`") from exc
         msg = str(err["msg"]).removeprefix("Value error, ")
         raise SlmopsUsageError(option, f"{msg}{where}") from exc
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise SlmopsUsageError("--config", f"'{path}' does not exist; pass a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SlmopsUsageError("--config", f"'{path}' is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SlmopsUsageError("--config", f"'{path}' must hold a mapping of options")
-    return data
 
 
 def configs_from_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> list[TrainConfig]:
