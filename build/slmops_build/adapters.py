@@ -207,7 +207,14 @@ def lora_scale(config: dict[str, Any], module_path: str, rank: int) -> float:
 
 
 def adapter_arrays(adapter_dir: Path, template: LoraTemplate, dtype: str, name: str = "") -> dict[str, Any]:
-    """``{graph input name: numpy array}`` of one PEFT adapter, laid out for ``template``."""
+    """``{graph input name: numpy array}`` of one PEFT adapter, laid out for ``template`` (ABI 2).
+
+    Every module's pair lands in its base projection's pair: for a packed projection (qkv_proj,
+    gate_up_proj) A is the members' ``A.T`` concatenated along the rank and B block-diagonal
+    (member m's ``(B * scale).T`` in its own rank rows and output columns, zeros elsewhere), so
+    ``x @ A @ B`` equals the sum of the members' LoRA outputs placed in their columns.
+    """
+    import numpy as np
     import torch
 
     label = f"'{name}' ({adapter_dir})" if name else f"'{adapter_dir}'"
@@ -219,28 +226,44 @@ def adapter_arrays(adapter_dir: Path, template: LoraTemplate, dtype: str, name: 
         parsed = parse_lora_input(item.name)
         if parsed:
             by_key[parsed] = item
-    torch_dtype = getattr(torch, dtype)
-    arrays: dict[str, Any] = {}
+    # {(layer, projection): [(member, A [in, r], B [r, member out] scaled)]}
+    grouped: dict[tuple[int, str], list[tuple[Any, Any, Any]]] = {}
     for (layer, module), ab in sorted(pairs.items()):
-        a_in, b_in = by_key.get((layer, module, "A")), by_key.get((layer, module, "B"))
-        if a_in is None or b_in is None:
+        found = template.projection_of(module)
+        a_in = by_key.get((layer, found[0], "A")) if found else None
+        b_in = by_key.get((layer, found[0], "B")) if found else None
+        if found is None or a_in is None or b_in is None:
             raise SlmopsUsageError(
                 "--adapter", f"{label} adapts layers.{layer}.{module}, which the bundle's adapter ABI "
                 f"({template.modules}, {template.num_layers} layers) lacks; add it with --lora_modules or use --merge",
             )
+        projection, member = found
         a = ab["A"].to(torch.float32)  # [r, in]
         b = ab["B"].to(torch.float32)  # [out, r]
         rank = a.shape[0]
-        want_in, want_out = a_in.shape[0], b_in.shape[1]
-        if b.shape[1] != rank or a.shape[1] != want_in or b.shape[0] != want_out:
+        want_in = a_in.shape[0]
+        if b.shape[1] != rank or a.shape[1] != want_in or b.shape[0] != member.size:
             raise SlmopsUsageError(
                 "--adapter", f"{label}: layers.{layer}.{module} has A {list(a.shape)} / B {list(b.shape)}, but the base "
-                f"model expects [r, {want_in}] / [{want_out}, r]; it was trained on another base model",
+                f"model expects [r, {want_in}] / [{member.size}, r]; it was trained on another base model",
             )
         scale = lora_scale(config, f"layers.{layer}.{module}", rank)
-        b = b * scale  # the builder folds the scaling into B the same way (fp32 multiply)
-        arrays[a_in.name] = a.T.contiguous().to(torch_dtype).numpy()
-        arrays[b_in.name] = b.T.contiguous().to(torch_dtype).numpy()
+        grouped.setdefault((layer, projection), []).append((member, a.T.numpy(), (b * scale).T.numpy()))
+    arrays: dict[str, Any] = {}
+    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise SlmopsUsageError("--precision", f"adapter dtype {dtype} is not supported; use a float32 or float16 target")
+    for (layer, projection), items in grouped.items():
+        a_in, b_in = by_key[(layer, projection, "A")], by_key[(layer, projection, "B")]
+        total_rank = sum(a.shape[1] for _, a, _ in items)
+        a_packed = np.concatenate([a for _, a, _ in items], axis=1)
+        b_packed = np.zeros((total_rank, int(b_in.shape[1])), np.float32)
+        row = 0
+        for member, _, b in items:
+            b_packed[row:row + b.shape[0], member.offset:member.offset + member.size] = b
+            row += b.shape[0]
+        arrays[a_in.name] = np.ascontiguousarray(a_packed, dtype=np_dtype)
+        arrays[b_in.name] = np.ascontiguousarray(b_packed, dtype=np_dtype)
     return arrays
 
 
@@ -279,8 +302,9 @@ def convert_adapter(peft_dir: str | Path, template: LoraTemplate, dtype: str, ou
     out_path = Path(out_path)
     write_onnx_adapter(arrays, out_path)
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    modules = sorted({parsed[1] for k in arrays if (parsed := parse_lora_input(k))})
-    ranks = [v.shape[1] for k, v in arrays.items() if k.endswith("lora_A.MatMul.weight")]
+    pairs = lora_pairs(read_lora_tensors(adapter_dir, name=name), name or str(adapter_dir))
+    modules = [m for m in template.modules if m in {module for _, module in pairs}]
+    ranks = [int(ab["A"].shape[0]) for ab in pairs.values()]
     run_dir = adapter_dir.parent if (adapter_dir.parent / RUN_JSON).is_file() else None
     return AdapterInfo(
         file=out_path.name,

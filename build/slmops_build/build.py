@@ -209,7 +209,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
 
     from slmops_build.adapters import convert_adapter, load_peft_adapter
     from slmops_build.bundle_writer import base_model_info, write_manifest
-    from slmops_build.export import check_lora_modules, export_base_model
+    from slmops_build.export import check_lora_modules, covered_modules, export_base_model
     from slmops_build.quantize import check_precision
     from slmops_build.validate import Bounds, BuildValidationError, validate_bundle
 
@@ -223,7 +223,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     base = base_model_info(model_dir, config.model_name_or_path)
     merge = config.merge is not None
     adapters = {
-        name: load_peft_adapter(name, path, base.sha256, None if merge else modules, merge=merge)
+        name: load_peft_adapter(name, path, base.sha256, None if merge else covered_modules(modules), merge=merge)
         for name, path in config.adapters.items()
     }
     key = build_key(config, target, modules, base.sha256, model_dir, {n: a.adapter_dir for n, a in adapters.items()})

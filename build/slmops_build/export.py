@@ -1,17 +1,17 @@
-"""Export the base model to ONNX with runtime-swappable LoRA inputs (the adapter ABI).
+"""Export the base model to ONNX with runtime-swappable LoRA inputs (adapter ABI 2).
 
-Recipe (see shared/design/facts.md, "Runtime-swappable adapters"):
-
-1. Write a TEMPLATE PEFT adapter (rank 1, non-zero B) that covers every module of the ABI and
-   run the onnxruntime-genai model builder with ``adapter_path=`` it. The builder bakes the LoRA
-   weights in as initializers ``model.layers.{i}.{attn|mlp}.{proj}.lora_{A|B}.MatMul.weight``
-   (scaling folded into B) and emits a MatMul-A -> MatMul-B -> Add path beside every base MatMul.
-   For int4/int8 the LoRA MatMuls are listed in ``nodes_to_exclude`` so they stay float.
-2. Rewrite the graph: every LoRA initializer becomes a graph INPUT with a symbolic rank
-   (``[in, "lora_r"]`` / ``["lora_r", out]``) that keeps a rank-0 default initializer
-   (``[in, 0]`` / ``[0, out]``), so a request without an adapter computes the pure base model and
-   onnxruntime-genai feeds an active ``.onnx_adapter``'s tensors by name.
-3. Set ``session_options`` of genai_config.json from the target profile (thread counts).
+1. The onnxruntime-genai model builder exports the PLAIN graph (no adapter), so its fast layout
+   stays: q/k/v packed into one ``qkv_proj`` MatMul and (``fuse_mlp_gate_up``) gate/up into one
+   ``gate_up_proj``. For slmops' quantizer it exports fp32 and quantization runs afterwards.
+2. :func:`add_lora_inputs` puts one LoRA pair beside every base projection the ABI covers:
+   ``y = base(x) + (x @ A) @ B`` with A ``[in, "lora_r"]`` and B ``["lora_r", out]`` as graph
+   INPUTS named ``model.layers.{i}.{attn|mlp}.{projection}.lora_{A|B}.MatMul.weight``, each with a
+   rank-0 default (``[in, 0]`` / ``[0, out]``), so a request without an adapter computes the pure
+   base model. A packed projection takes one pair for all its members: A is the members' A
+   concatenated along the rank, B block-diagonal (adapters are converted to that layout). One
+   pair per packed projection instead of one per module: 4 LoRA branches a layer instead of 7,
+   and the base MatMuls stay fused (measured in bench/bench_lora.py).
+3. ``session_options`` of genai_config.json come from the target profile (thread counts).
 """
 
 from __future__ import annotations
@@ -28,42 +28,43 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from slmops.bundle import LoraInput, LoraTemplate
+from slmops.bundle import LoraInput, LoraTemplate, PackedMember
 from slmops.errors import SlmopsUsageError
 from slmops.targets import Target
 from slmops_build.quantize import builder_extra_options, merged_options, quantize_graph, quantizer_for
 
-# The adapter ABI of decoder-only Llama-style models: leaf module name -> builder group name.
+# The adapter ABI of decoder-only Llama-style models: PEFT leaf module name -> builder group name.
 ABI_MODULES: dict[str, str] = {
     "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
 DEFAULT_LORA_MODULES: tuple[str, ...] = tuple(ABI_MODULES)
+# Base projections of the builder's graph -> the PEFT modules packed in them, in output order.
+PACKED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+}
+PROJECTION_ORDER = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj")
 RANK_DIM = "lora_r"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
-TEMPLATE_RANK = 1
 
-# model.layers.3.attn.q_proj.lora_A.MatMul.weight
+# model.layers.3.attn.qkv_proj.lora_A.MatMul.weight
 LORA_INPUT_RE = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.MatMul\.weight$")
+# /model/layers.3/attn/qkv_proj/MatMul (float) or .../MatMul_Q4 (the builder's quantizer)
+BASE_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul(?:_Q\d+)?$")
 
 
 class ExportError(RuntimeError):
     """The model builder or the graph rewrite failed (not a user input problem)."""
 
 
-def lora_input_name(layer: int, module: str, which: str) -> str:
-    return f"model.layers.{layer}.{ABI_MODULES[module]}.{module}.lora_{which}.MatMul.weight"
-
-
-def lora_node_name(layer: int, module: str, which: str) -> str:
-    """Name of the builder's LoRA MatMul node (what ``nodes_to_exclude`` matches)."""
-    return f"/model/layers.{layer}/{ABI_MODULES[module]}/{module}/lora_{which}/MatMul"
+def lora_input_name(layer: int, group: str, projection: str, which: str) -> str:
+    return f"model.layers.{layer}.{group}.{projection}.lora_{which}.MatMul.weight"
 
 
 def parse_lora_input(name: str) -> tuple[int, str, str] | None:
-    """``model.layers.3.attn.q_proj.lora_A.MatMul.weight`` -> (3, "q_proj", "A")."""
+    """``model.layers.3.attn.qkv_proj.lora_A.MatMul.weight`` -> (3, "qkv_proj", "A")."""
     match = LORA_INPUT_RE.match(name)
     if not match:
         return None
@@ -83,57 +84,30 @@ def check_lora_modules(modules: Iterable[str] | None) -> list[str]:
     return [m for m in DEFAULT_LORA_MODULES if m in wanted]
 
 
-# ---- 1. template adapter --------------------------------------------------------------------
-def linear_shapes(model_dir: str | Path, modules: list[str]) -> dict[str, tuple[int, int]]:
-    """``{module path: (out, in)}`` of the model's decoder linears named in ``modules``.
-
-    The model is instantiated on the meta device: no weights are read, so this is fast for any
-    size and any architecture transformers knows.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shapes = {}
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in modules and isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
-            shapes[name] = (module.out_features, module.in_features)
-    return shapes
+def covered_modules(modules: list[str]) -> list[str]:
+    """The modules a graph with LoRA on ``modules`` can adapt: a packed projection takes all its members."""
+    covered = set(modules)
+    for members in PACKED_PROJECTIONS.values():
+        if covered & set(members):
+            covered |= set(members)
+    return [m for m in DEFAULT_LORA_MODULES if m in covered]
 
 
-def make_template_adapter(model_dir: str | Path, modules: list[str], out_dir: Path, seed: int = 0) -> Path:
-    """Write a rank-1 PEFT LoRA adapter over ``modules`` with non-zero, seeded A and B."""
-    import torch
-    from safetensors.torch import save_file
-
-    shapes = linear_shapes(model_dir, modules)
-    found = {name.rsplit(".", 1)[-1] for name in shapes}
-    missing = [m for m in modules if m not in found]
-    if missing:
-        raise SlmopsUsageError("--lora_modules", f"{missing} are not linear layers of {model_dir}; drop them from --lora_modules")
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, (out_f, in_f) in sorted(shapes.items()):
-        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(TEMPLATE_RANK, in_f, generator=gen) * 0.02
-        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_f, TEMPLATE_RANK, generator=gen) * 0.02
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir),
-        "r": TEMPLATE_RANK, "lora_alpha": TEMPLATE_RANK, "lora_dropout": 0.0, "target_modules": modules,
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": False, "use_rslora": False, "use_dora": False,
-        "inference_mode": True,
-    }
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return out_dir
+def member_sizes(model_dir: str | Path) -> dict[str, int]:
+    """Output width of every ABI module, from the model's config.json."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = {**config, **(config.get("text_config") or {})}
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config["intermediate_size"])
+    return {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
+            "o_proj": hidden, "gate_proj": inter, "up_proj": inter, "down_proj": hidden}
 
 
 # ---- running the model builder --------------------------------------------------------------
-def run_builder(model_dir: str | Path, out_dir: Path, target: Target, adapter_path: Path | None = None,
-                lora_nodes: list[str] | None = None, extra_options: dict[str, str] | None = None,
+def run_builder(model_dir: str | Path, out_dir: Path, target: Target, extra_options: dict[str, str] | None = None,
                 log_path: Path | None = None, in_process: bool | None = None, precision: str | None = None) -> float:
     """Run the onnxruntime-genai model builder; return its seconds.
 
@@ -143,9 +117,7 @@ def run_builder(model_dir: str | Path, out_dir: Path, target: Target, adapter_pa
     instead, which saves the ~10 s import on small models (tests). Failures raise ExportError.
     ``precision`` overrides the builder's ``-p`` (fp32 when slmops' quantizer runs afterwards).
     """
-    options = builder_extra_options(target, lora_nodes or [], extra_options or {})
-    if adapter_path is not None:
-        options["adapter_path"] = str(adapter_path)
+    options = builder_extra_options(target, extra_options or {})
     if in_process is None:
         in_process = os.environ.get("SLMOPS_BUILDER_IN_PROCESS", "0") not in ("0", "", "false")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,66 +168,93 @@ def _builder_in_process(model_dir: str | Path, out_dir: Path, precision: str, pr
     return 0
 
 
-# ---- 2. LoRA initializers -> inputs with rank-0 defaults ------------------------------------
-def expose_lora_inputs(src_dir: Path, dst_dir: Path) -> LoraTemplate:
-    """Rewrite ``src_dir/model.onnx`` into ``dst_dir`` with every LoRA weight as a graph input.
-
-    Each ``...lora_A.MatMul.weight`` [in, r] initializer becomes an input ``[in, "lora_r"]`` with a
-    default initializer of shape ``[in, 0]`` (B: ``["lora_r", out]`` / ``[0, out]``). Other files
-    of ``src_dir`` are copied. Weights go to one external ``model.onnx.data`` file.
-    """
+# ---- 2. LoRA pairs beside the base projections -----------------------------------------------
+def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dict[str, int]) -> LoraTemplate:
+    """Write ``src_dir``'s graph into ``dst_dir`` with a LoRA pair beside each base projection
+    that packs one of ``modules`` (see the module docstring); other files are copied."""
     import numpy as np
     import onnx_ir as ir
 
     model = ir.load(str(src_dir / MODEL_FILE))
+    graph: Any = model.graph
+    float_types = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    logits = next((o for o in graph.outputs if o.name == "logits"), None)
+    dtype = logits.dtype if logits is not None and logits.dtype in float_types else ir.DataType.FLOAT
+    np_dtype = dtype.numpy()
     inputs: list[LoraInput] = []
+    projections: dict[str, list[PackedMember]] = {}
     layers: set[int] = set()
-    modules: set[str] = set()
-    dtypes: set[str] = set()
-    for name, value in list(model.graph.initializers.items()):
-        parsed = parse_lora_input(name)
-        if parsed is None:
+    for node in list(graph):
+        match = BASE_NODE_RE.match(node.name or "")
+        if match is None or node.op_type not in ("MatMul", "MatMulNBits"):
             continue
-        layer, module, which = parsed
-        shape = [d if isinstance(d, int) else -1 for d in value.shape] if value.shape is not None else []
-        if len(shape) != 2 or min(shape) < 0 or value.dtype is None:
-            raise ExportError(f"LoRA initializer {name} has an unexpected shape {value.shape}")
-        np_dtype = value.dtype.numpy()
-        if which == "A":
-            symbolic: list[int | str] = [shape[0], RANK_DIM]
-            default = np.zeros((shape[0], 0), dtype=np_dtype)
+        layer, group, projection = int(match.group(1)), match.group(2), match.group(3)
+        members = PACKED_PROJECTIONS.get(projection, (projection,))
+        if not set(members) & set(modules):
+            continue
+        x = node.inputs[0]
+        if node.op_type == "MatMul":
+            shape = node.inputs[1].shape
+            k, n = int(shape[0]), int(shape[1])
         else:
-            symbolic = [RANK_DIM, shape[1]]
-            default = np.zeros((0, shape[1]), dtype=np_dtype)
-        value.const_value = ir.tensor(default, name=name)
-        value.shape = ir.Shape(symbolic)
-        model.graph.inputs.append(value)
-        inputs.append(LoraInput(name=name, shape=symbolic))
+            k, n = int(node.attributes["K"].value), int(node.attributes["N"].value)
+        layout, offset = [], 0
+        for member in members:
+            layout.append(PackedMember(module=member, offset=offset, size=sizes[member]))
+            offset += sizes[member]
+        if offset != n:
+            raise ExportError(f"{node.name}: output width {n} is not the sum of {list(members)} widths {offset}")
+        projections.setdefault(projection, layout)
+        a_name, b_name = (lora_input_name(layer, group, projection, w) for w in "AB")
+        a_value = ir.Value(name=a_name, type=ir.TensorType(dtype), shape=ir.Shape([k, RANK_DIM]),
+                           const_value=ir.tensor(np.zeros((k, 0), np_dtype), name=a_name))
+        b_value = ir.Value(name=b_name, type=ir.TensorType(dtype), shape=ir.Shape([RANK_DIM, n]),
+                           const_value=ir.tensor(np.zeros((0, n), np_dtype), name=b_name))
+        for value in (a_value, b_value):
+            graph.inputs.append(value)
+            graph.register_initializer(value)
+        inputs += [LoraInput(name=a_name, shape=[k, RANK_DIM]), LoraInput(name=b_name, shape=[RANK_DIM, n])]
+        prefix = f"/model/layers.{layer}/{group}/{projection}"
+        out = node.outputs[0]
+        uses = list(out.uses())
+        via_a = ir.Node("", "MatMul", [x, a_value], name=f"{prefix}/lora_A/MatMul", num_outputs=1)
+        via_b = ir.Node("", "MatMul", [via_a.outputs[0], b_value], name=f"{prefix}/lora_B/MatMul", num_outputs=1)
+        add = ir.Node("", "Add", [out, via_b.outputs[0]], name=f"{prefix}/lora/Add", num_outputs=1)
+        for new in (via_a, via_b, add):
+            new.outputs[0].name = f"{new.name}/output_0"
+            new.outputs[0].dtype = dtype
+        add.outputs[0].shape = out.shape
+        graph.insert_after(node, [via_a, via_b, add])
+        for use in uses:
+            use.node.replace_input_with(use.idx, add.outputs[0])
+        if out.is_graph_output():
+            raise ExportError(f"{node.name} feeds a graph output directly; cannot add a LoRA branch")
         layers.add(layer)
-        modules.add(module)
-        dtypes.add(np.dtype(np_dtype).name)
     if not inputs:
-        raise ExportError(f"{src_dir / MODEL_FILE} has no LoRA initializers; was it built with adapter_path=?")
-    if len(dtypes) != 1:
-        raise ExportError(f"LoRA initializers have mixed dtypes {sorted(dtypes)}")
+        raise ExportError(f"{src_dir / MODEL_FILE} has no base projections for {modules} (looked for {BASE_NODE_RE.pattern})")
+    covered = {m.module for layout in projections.values() for m in layout}
     dst_dir.mkdir(parents=True, exist_ok=True)
     ir.save(model, str(dst_dir / MODEL_FILE), external_data=DATA_FILE)
     copy_side_files(src_dir, dst_dir)
     return LoraTemplate(
-        modules=[m for m in DEFAULT_LORA_MODULES if m in modules] + sorted(modules - set(DEFAULT_LORA_MODULES)),
+        modules=[m for m in DEFAULT_LORA_MODULES if m in covered],
         num_layers=len(layers),
-        dtype=dtypes.pop(),
+        dtype=float_types.get(dtype, "float32"),
         inputs=sorted(inputs, key=lambda i: _input_order(i.name)),
+        projections={p: projections[p] for p in sorted(projections, key=_projection_order)},
     )
+
+
+def _projection_order(projection: str) -> int:
+    return PROJECTION_ORDER.index(projection) if projection in PROJECTION_ORDER else len(PROJECTION_ORDER)
 
 
 def _input_order(name: str) -> tuple[int, int, str]:
     parsed = parse_lora_input(name)
     if parsed is None:
         return (1 << 30, 0, name)
-    layer, module, which = parsed
-    pos = DEFAULT_LORA_MODULES.index(module) if module in DEFAULT_LORA_MODULES else len(DEFAULT_LORA_MODULES)
-    return (layer, pos, which)
+    layer, projection, which = parsed
+    return (layer, _projection_order(projection), which)
 
 
 def copy_side_files(src_dir: Path, dst_dir: Path) -> None:
@@ -283,7 +282,7 @@ def read_template(model_dir: Path) -> LoraTemplate:
         dtypes.add(type_names.get(graph_input.type.tensor_type.elem_type, str(graph_input.type.tensor_type.elem_type)))
     num_layers = len(layers) or int(genai_config(model_dir)["model"]["decoder"].get("num_hidden_layers", 0))
     return LoraTemplate(
-        modules=[m for m in DEFAULT_LORA_MODULES if m in modules], num_layers=num_layers,
+        modules=sorted(modules, key=_projection_order), num_layers=num_layers,
         dtype=dtypes.pop() if len(dtypes) == 1 else "", inputs=sorted(inputs, key=lambda i: _input_order(i.name)),
     )
 
@@ -337,19 +336,16 @@ def export_base_model(model_dir: str | Path, out_dir: Path, target: Target, lora
     started = time.time()
     own_work = work_dir is None
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="slmops-export-"))
+    # Keep gate/up fused (one MatMul) unless the user says otherwise; q/k/v are packed by default.
+    builder_options = {"fuse_mlp_gate_up": "true", **extra_options}
     try:
         raw = work / "raw"
+        run_builder(model_dir, raw, target, extra_options=builder_options, log_path=work / "builder.log",
+                    in_process=in_process, precision=build_precision)
         if with_lora:
             modules = check_lora_modules(lora_modules)
-            template_dir = make_template_adapter(model_dir, modules, work / "template_adapter")
-            num_layers = _num_layers(model_dir)
-            nodes = [lora_node_name(i, m, w) for i in range(num_layers) for m in modules for w in "AB"]
-            run_builder(model_dir, raw, target, adapter_path=template_dir, lora_nodes=nodes, extra_options=extra_options,
-                        log_path=work / "builder.log", in_process=in_process, precision=build_precision)
-            template = expose_lora_inputs(raw, out_dir)
+            template = add_lora_inputs(raw, out_dir, modules, member_sizes(model_dir))
         else:
-            run_builder(model_dir, raw, target, extra_options=extra_options, log_path=work / "builder.log",
-                        in_process=in_process, precision=build_precision)
             out_dir.mkdir(parents=True, exist_ok=True)
             for path in raw.iterdir():
                 if path.is_file():

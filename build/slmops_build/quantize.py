@@ -2,18 +2,25 @@
 
 ``quantizer=slmops`` (default for float32-io targets, i.e. cpu): the builder exports fp32 and
 :func:`quantize_graph` rewrites the graph. Every base MatMul becomes a ``MatMulNBits`` with
-asymmetric min/max blocks (32 along K) and integer zero points, plus an EXACT per-block offset
-correction ``blocksum(x) @ D`` (``D = min + z * scale`` per block and output column), so each
-block is represented as ``scale * (q - z) + D`` without rounding the zero point. Weights that are
-already on a 4-bit grid (a model converted from a Q4_1 GGUF, like the default SmolLM2) come out
-lossless; others get asymmetric round-to-nearest with a float offset. The lm_head and the (tied)
-embedding are int8 blocks (lossless for Q8_0-derived weights). LoRA MatMuls stay float.
-Measured on SmolLM2-135M + a q,v adapter (32 tone rows): builder int4 +19.5% perplexity and
--22 accuracy points vs PyTorch fp32; this quantizer +2.1% and -3 points, at the same decode speed.
+asymmetric min/max blocks (32 along K) and integer zero points. What a rounded integer zero
+point misses, the per-block offset ``D = min + z * scale``, is put back (``offsets=``):
+
+* ``folded`` (default): the MatMulNBits gets the block sums of x as extra K rows
+  (``Concat(x, x @ S)``) whose weights are D, 4-bit symmetric. One MatMulNBits, two small
+  nodes; D's own rounding is <= scale/28, far below the weight grid.
+* ``exact``: a float32 ``blocksum(x) @ D`` MatMul + Add beside the MatMulNBits (slower: D is
+  read in float32 every token, a quarter of the int4 weight bytes).
+* ``none``: dropped, i.e. the builder-like rounded zero point.
+
+Weights already on a 4-bit grid (a model converted from a Q4_1 GGUF, like the default SmolLM2)
+come out (near-)lossless. The lm_head and the (tied) embedding are int8 blocks (lossless for
+Q8_0-derived weights). LoRA MatMuls stay float. Measured on SmolLM2-135M (bench/bench_lora.py,
+perplexity vs fp32 on held-out text): folded +0.05%, exact +0.13%, none +16%, the builder's
+symmetric int4 +8.6%; decode folded 0.84x, exact 0.74x, none 0.95x the builder's graph.
 
 ``quantizer=builder``: the onnxruntime-genai builder's own RTN (symmetric, MatMulNBits), told
-the target's ``builder_options`` and the user's ``--extra_option k=v``, with the LoRA MatMuls in
-``nodes_to_exclude``. Any builder option is reachable, e.g. ``algo_config=k_quant``.
+the target's ``builder_options`` and the user's ``--extra_option k=v``. Any builder option is
+reachable, e.g. ``algo_config=k_quant``.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ QUANTIZERS = ("slmops", "builder")
 # Options only the builder's quantizer understands (they select `quantizer=builder`'s behaviour).
 BUILDER_ONLY_OPTIONS = ("algo_config", "is_symmetric", "op_types_to_quantize", "matmul_mixed_precision", "use_qdq")
 # Options slmops' quantizer reads; everything else goes to the builder.
-SLMOPS_QUANT_OPTIONS = ("quantizer", "block_size", "accuracy_level", "embedding_bits")
+SLMOPS_QUANT_OPTIONS = ("quantizer", "block_size", "accuracy_level", "embedding_bits", "offsets")
 
 
 def check_precision(target: Target) -> None:
@@ -111,24 +118,28 @@ def quantizer_for(target: Target, extra_options: dict[str, str]) -> str | None:
     return chosen
 
 
-def builder_extra_options(target: Target, lora_nodes: list[str], extra_options: dict[str, str]) -> dict[str, str]:
-    """The builder's ``--extra_options``: target profile, then user options, then LoRA exclusions.
+def builder_extra_options(target: Target, extra_options: dict[str, str]) -> dict[str, str]:
+    """The builder's ``--extra_options``: target profile, then the user's options.
 
     With slmops' quantizer the builder exports fp32 and gets none of the quantization options.
+    The LoRA branches are added after the builder (and its quantizer) ran, so none is excluded here.
     """
     options = merged_options(target, extra_options)
     if quantizer_for(target, extra_options) == "slmops":
-        return {k: v for k, v in options.items() if k not in SLMOPS_QUANT_OPTIONS and k != "nodes_to_exclude"}
+        return {k: v for k, v in options.items() if k not in SLMOPS_QUANT_OPTIONS}
     options.pop("quantizer", None)
     options.pop("embedding_bits", None)
-    if target.precision in QUANTIZED and lora_nodes:
-        excluded = [n for n in options.get("nodes_to_exclude", "").split(",") if n]
-        options["nodes_to_exclude"] = ",".join(excluded + [n for n in lora_nodes if n not in excluded])
+    options.pop("offsets", None)
     return options
 
 
 # ---- slmops' quantizer -----------------------------------------------------------------------
 LM_HEAD_NODE = "/lm_head/MatMul"
+# How the asymmetric blocks' offsets D (what an integer zero point misses) reach the output:
+# "folded" into the same MatMulNBits as extra K rows (block sums of x, 4-bit D), "exact" as a
+# float32 MatMul + Add beside it, or "none" (dropped: the builder-like rounded zero point).
+OFFSET_MODES = ("folded", "exact", "none")
+DEFAULT_OFFSETS = "folded"
 
 
 def _blocks(w: Any, block: int) -> Any:
@@ -140,11 +151,11 @@ def _blocks(w: Any, block: int) -> Any:
 
 
 def quantize_asymmetric(w: Any, bits: int, block: int) -> tuple[Any, Any, Any, Any]:
-    """(packed q [N, nb, block*bits/8], scales [N*nb], zero points packed, offsets D [nb, N]).
+    """(q [N, nb, block] uint8 levels, scales [N, nb], zero points [N, nb] uint8, offsets D [nb, N]).
 
     Each block: scale = (max - min) / (2^bits - 1), q = round((w - min) / scale), integer zero point
-    z = round(-min / scale); MatMulNBits computes scale * (q - z) and the graph adds
-    D = min + z * scale, so the block is min + scale * q exactly (no zero-point rounding).
+    z = round(-min / scale); MatMulNBits computes scale * (q - z), and D = min + z * scale is what
+    that misses, so the block is min + scale * q = scale * (q - z) + D exactly.
     """
     import numpy as np
 
@@ -156,15 +167,31 @@ def quantize_asymmetric(w: Any, bits: int, block: int) -> tuple[Any, Any, Any, A
     q = np.clip(np.rint((wb - lo[..., None]) / scale[..., None]), 0, levels).astype(np.uint8)
     z = np.clip(np.rint(-lo / scale), 0, levels).astype(np.uint8)
     offsets = (lo + z * scale).T.astype(np.float32)
+    return q, scale.astype(np.float32), z, offsets
+
+
+def quantize_symmetric4(w: Any, block: int) -> tuple[Any, Any, Any]:
+    """Symmetric 4-bit blocks along K: (q [N, nb, block] in 0..15, scales [N, nb], zero points 8)."""
+    import numpy as np
+
+    wb = _blocks(w, block)
+    scale = np.abs(wb).max(-1) / 7.0
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(wb / scale[..., None]), -8, 7) + 8).astype(np.uint8)
+    return q, scale.astype(np.float32), np.full(scale.shape, 8, np.uint8)
+
+
+def pack_nbits(q: Any, z: Any, bits: int) -> tuple[Any, Any]:
+    """MatMulNBits layout: q [N, nb, block] -> [N, nb, block*bits/8]; z [N, nb] -> flat (4-bit: two per byte)."""
+    import numpy as np
+
+    if bits == 8:
+        return q, z.reshape(-1)
     n, nb = z.shape
-    if bits == 4:
-        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-        if nb % 2:
-            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
-    else:
-        zp = z.reshape(-1)
-    return q, scale.astype(np.float32).reshape(-1), zp, offsets
+    q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    if nb % 2:
+        z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+    return q, (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
 def quantize_symmetric8(w: Any, block: int) -> tuple[Any, Any, Any]:
@@ -187,6 +214,9 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
     block = int(options.get("block_size", 32))
     accuracy = int(options.get("accuracy_level", 4))
     embed_bits = int(options.get("embedding_bits", 8))
+    offsets_mode = options.get("offsets", DEFAULT_OFFSETS)
+    if offsets_mode not in OFFSET_MODES:
+        raise SlmopsUsageError("--extra_option", f"offsets={offsets_mode} is not one of {list(OFFSET_MODES)}")
     if block < 16 or block & (block - 1):
         raise SlmopsUsageError("--extra_option", f"block_size={block} must be a power of two >= 16")
     if embed_bits not in (8, 0):
@@ -210,9 +240,24 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
         final.name, final.shape, final.dtype = name, shape, ir.DataType.FLOAT
 
     stats: dict[str, Any] = {"method": "slmops", "bits": bits, "block_size": block, "accuracy_level": accuracy,
-             "embedding_bits": embed_bits, "matmuls": 0, "kept_float": []}
-    block_sums: dict[tuple[int, int], Any] = {}
-    sum_matrices: dict[int, Any] = {}
+             "embedding_bits": embed_bits, "offsets": offsets_mode, "matmuls": 0, "kept_float": []}
+    block_sums: dict[tuple[int, int, int], Any] = {}
+    sum_matrices: dict[tuple[int, int], Any] = {}
+
+    def block_sum(x: Any, k: int, width: int, node_name: str, new_nodes: list[Any]) -> Any:
+        """``x @ S``: the sum of every K-block of ``x`` ([.., K] -> [.., width], zero-padded), once per x."""
+        key = (id(x), k, width)
+        if key not in block_sums:
+            if (k, width) not in sum_matrices:
+                ones = np.zeros((k, width), np.float32)
+                ones[np.arange(k), np.arange(k) // block] = 1.0
+                sum_matrices[(k, width)] = const(f"slmops.block_sum.{k}x{width}", ones)
+            summed = ir.Node("", "MatMul", [x, sum_matrices[(k, width)]], name=f"{node_name}/block_sum", num_outputs=1)
+            summed.outputs[0].name = f"{node_name}/block_sum/output_0"
+            new_nodes.append(summed)
+            block_sums[key] = summed.outputs[0]
+        return block_sums[key]
+
     for node in list(graph):
         if node.op_type != "MatMul" or "/lora_" in (node.name or "") or len(node.inputs) != 2:
             continue
@@ -228,33 +273,55 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
             stats["kept_float"].append(node.name)
             continue
         base = weight.name
+        new_nodes: list[Any] = []
+        matmul_input, k_total = x, k
         if is_head:
             q, scales, zp = quantize_symmetric8(w, block)
             node_bits, offsets = 8, None
+            scales = scales.reshape(n, -1)
+            zp = zp.reshape(n, -1)
         else:
             q, scales, zp, offsets = quantize_asymmetric(w, bits, block)
             node_bits = bits
+        if offsets is not None and offsets_mode == "folded":
+            # Fold the offsets into the same MatMulNBits: K grows by the block sums of x, whose
+            # weights are D (symmetric 4-bit, error <= scale/28: far below the weights' own grid).
+            nb = k // block
+            width = -(-nb // block) * block
+            sums = block_sum(x, k, width, node.name, new_nodes)
+            concat = ir.Node("", "Concat", [x, sums], attributes=[ir.AttrInt64("axis", -1)],
+                             name=f"{node.name}/with_block_sums", num_outputs=1)
+            concat.outputs[0].name = f"{node.name}/with_block_sums/output_0"
+            new_nodes.append(concat)
+            d = np.zeros((width, n), np.float32)
+            d[:nb] = offsets
+            if bits == 4:
+                dq, ds, dz = quantize_symmetric4(d, block)
+            else:
+                dq, ds, dz = quantize_symmetric8(d, block)
+                ds, dz = ds.reshape(n, -1), dz.reshape(n, -1)
+            q, scales, zp = np.concatenate([q, dq], 1), np.concatenate([scales, ds], 1), np.concatenate([zp, dz], 1)
+            matmul_input, k_total, offsets = concat.outputs[0], k + width, None
+        elif offsets_mode == "none":
+            offsets = None
+        q, zp = pack_nbits(q, zp, node_bits)
         matmul = ir.Node(
             "com.microsoft", "MatMulNBits",
-            [x, const(f"{base}_Q{node_bits}", q), const(f"{base}_scales", scales), const(f"{base}_zp", zp)],
-            attributes=[ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", node_bits),
+            [matmul_input, const(f"{base}_Q{node_bits}", q), const(f"{base}_scales", scales.reshape(-1)),
+             const(f"{base}_zp", zp)],
+            attributes=[ir.AttrInt64("K", k_total), ir.AttrInt64("N", n), ir.AttrInt64("bits", node_bits),
                         ir.AttrInt64("block_size", block), ir.AttrInt64("accuracy_level", accuracy)],
             name=f"{node.name}_Q{node_bits}", num_outputs=1,
         )
-        new_nodes, final = [matmul], matmul.outputs[0]
-        if offsets is not None:
-            key = (id(x), k)
-            if key not in block_sums:
-                if k not in sum_matrices:
-                    ones = np.zeros((k, k // block), np.float32)
-                    ones[np.arange(k), np.arange(k) // block] = 1.0
-                    sum_matrices[k] = const(f"slmops.block_sum.{k}x{k // block}", ones)
-                summed = ir.Node("", "MatMul", [x, sum_matrices[k]], name=f"{node.name}/block_sum", num_outputs=1)
-                new_nodes.append(summed)
-                block_sums[key] = summed.outputs[0]
-            offset = ir.Node("", "MatMul", [block_sums[key], const(f"{base}_offsets", offsets)],
+        matmul.outputs[0].name = f"{node.name}_Q{node_bits}/output_0"
+        new_nodes.append(matmul)
+        final = matmul.outputs[0]
+        if offsets is not None:  # "exact": + blocksum(x) @ D in float32
+            sums = block_sum(x, k, k // block, node.name, new_nodes)
+            offset = ir.Node("", "MatMul", [sums, const(f"{base}_offsets", offsets)],
                              name=f"{node.name}/offsets", num_outputs=1)
             add = ir.Node("", "Add", [matmul.outputs[0], offset.outputs[0]], name=f"{node.name}/offsets/Add", num_outputs=1)
+            offset.outputs[0].name = f"{node.name}/offsets/output_0"
             new_nodes += [offset, add]
             final = add.outputs[0]
         replace(node, new_nodes, final)

@@ -222,11 +222,12 @@ class OrtScorer:
         self.head_size = int(decoder["head_size"])
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
 
-    def logits(self, ids: list[int]) -> Any:
+    def logits(self, ids: list[int], adapter: dict[str, Any] | None = None) -> Any:
+        """Logits [len(ids), vocab]; ``adapter`` ({input name: array}) is fed as the LoRA inputs."""
         import numpy as np
 
         arr = np.array([ids], dtype=np.int64)
-        feeds: dict[str, Any] = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
+        feeds: dict[str, Any] = {"input_ids": arr, "attention_mask": np.ones_like(arr), **(adapter or {})}
         for item in self.past:
             dtype = ONNX_TYPES.get(item.type, "float32")
             feeds[item.name] = np.zeros((1, item.shape[1], 0, self.head_size), dtype=dtype)

@@ -140,6 +140,7 @@ FINISH_NAMES = {0: "", 1: "eos", 2: "length", 3: "stop"}
 @click.option("--chat", is_flag=True, help="send PROMPT as a user chat message (the bundle's chat template)")
 @click.option("--system", default=None, help="system message (implies --chat)")
 @click.option("--max-new-tokens", type=int, default=0, help="0 = the server default")
+@click.option("--min-new-tokens", type=int, default=0, help="suppress end-of-sequence before this many tokens")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", type=float, default=None)
 @click.option("--top-k", type=int, default=0)
@@ -148,7 +149,7 @@ FINISH_NAMES = {0: "", 1: "eos", 2: "length", 3: "stop"}
 @click.option("--json", "as_json", is_flag=True, help="print the whole response as JSON")
 @client_options
 def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system: str | None, max_new_tokens: int,
-                     temperature: float, top_p: float | None, top_k: int, seed: int | None, stop: tuple[str, ...],
+                     min_new_tokens: int, temperature: float, top_p: float | None, top_k: int, seed: int | None, stop: tuple[str, ...],
                      as_json: bool, server: str, tls: bool, ca_cert: str | None, timeout: float) -> None:
     """Generate text for PROMPT ('-' reads stdin) on a running server."""
     import grpc
@@ -156,7 +157,8 @@ def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    kwargs: dict[str, Any] = dict(adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+    kwargs: dict[str, Any] = dict(adapter=adapter, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                  temperature=temperature, top_p=top_p,
                                   top_k=top_k, seed=seed, stop=list(stop))
     if chat or system:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -26,9 +26,11 @@ TOKEN_ENV = "SLMOPS_ADMIN_TOKEN"
 
 def build_request(prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, adapter: str = "",
                   max_new_tokens: int = 0, temperature: float = 0.0, top_p: float | None = None, top_k: int = 0,
-                  seed: int | None = None, stop: Sequence[str] = (), request_id: str = "") -> generation_pb2.GenerateRequest:
+                  seed: int | None = None, stop: Sequence[str] = (), request_id: str = "",
+                  min_new_tokens: int = 0) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(
-        prompt=prompt or "", adapter=adapter or "", max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        prompt=prompt or "", adapter=adapter or "", max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        temperature=temperature, top_k=top_k,
         stop=list(stop), request_id=request_id,
         messages=[generation_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in (messages or [])])
     if top_p is not None:

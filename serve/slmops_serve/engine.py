@@ -54,6 +54,7 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     adapter: str = ""
     max_new_tokens: int = 0  # 0 = the server default
+    min_new_tokens: int = 0  # end-of-sequence is suppressed before this many tokens
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
@@ -388,6 +389,8 @@ class Engine:
     def _search_options(self, gen: Generation) -> dict[str, Any]:
         request = gen.request
         options: dict[str, Any] = {"max_length": min(self.context_length, len(gen.prompt_ids) + gen.max_new_tokens)}
+        if request.min_new_tokens > 0:
+            options["min_length"] = min(options["max_length"], len(gen.prompt_ids) + request.min_new_tokens)
         if request.temperature > 0:
             options.update(do_sample=True, temperature=float(request.temperature), top_p=float(request.top_p),
                            top_k=int(request.top_k) if request.top_k > 0 else max(self.vocab_size, 1))
@@ -466,7 +469,7 @@ class Engine:
             produced += 1
             if first_token_at is None:
                 first_token_at = time.perf_counter()
-            if token in self.eos_ids:
+            if token in self.eos_ids and produced > gen.request.min_new_tokens:
                 reason = FINISH_EOS
                 break
             before = len(text)

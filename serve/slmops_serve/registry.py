@@ -111,6 +111,8 @@ def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "pa
         fmt = ort.AdapterFormat.read_adapter(str(path))
         params = fmt.get_parameters()
         tensors = {name: (list(value.shape()), str(value.data_type())) for name, value in params.items()}
+        # B's block-diagonal layout says which PEFT modules of a packed projection it adapts
+        b_blocks = {name: value.numpy() != 0 for name, value in params.items() if ".lora_B." in name}
         del params, fmt
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError for any corrupt buffer
         detail = str(exc).rsplit(")", 1)[-1].strip() or type(exc).__name__
@@ -146,9 +148,38 @@ def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "pa
                              "the adapter is incomplete")
         if pair["A"] != pair["B"]:
             raise ServeError(FAILED_PRECONDITION, field_name, f"'{prefix}' has rank {pair['A']} in lora_A but {pair['B']} in lora_B")
-    modules = sorted({prefix.rsplit(".", 1)[-1] for prefix in ranks})
-    rank = max((pair["A"] for pair in ranks.values()), default=0)
+    modules, rank = adapted_modules(template, ranks, b_blocks)
     return AdapterFile(path=path, sha256=sha, size=len(data), rank=rank, modules=modules)
+
+
+def adapted_modules(template: LoraTemplate, ranks: dict[str, dict[str, int]],
+                    b_nonzero: dict[str, Any]) -> tuple[list[str], int]:
+    """(PEFT modules, largest per-module rank) of an adapter, read back from its packed B blocks.
+
+    A packed B (ABI 2) holds member m's rank rows only in m's output columns, so the rows that are
+    non-zero in m's columns are m's rank. A projection whose B is all zero (an untrained adapter)
+    counts as its projection name with the packed rank.
+    """
+    modules: set[str] = set()
+    rank = 0
+    for prefix, pair in ranks.items():
+        projection = prefix.rsplit(".", 1)[-1]
+        members = template.projections.get(projection, [])
+        nonzero = b_nonzero.get(f"{prefix}.lora_B.MatMul.weight")
+        found = False
+        for member in members:
+            if nonzero is None:
+                break
+            rows = int(nonzero[:, member.offset:member.offset + member.size].any(axis=1).sum())
+            if rows:
+                modules.add(member.module)
+                rank = max(rank, rows)
+                found = True
+        if not found:
+            modules.add(projection)
+            rank = max(rank, pair["A"])
+    order = {m: i for i, m in enumerate(template.modules)}
+    return sorted(modules, key=lambda m: (order.get(m, len(order)), m)), rank
 
 
 class AdapterRegistry:

@@ -74,6 +74,11 @@ def to_engine_request(request: generation_pb2.GenerateRequest, config: ServeConf
                   f"(0 = the server default {config.default_max_new_tokens})")
     if request.max_new_tokens > config.max_new_tokens_limit:
         raise bad("max_new_tokens", f"{request.max_new_tokens} is above the server limit {config.max_new_tokens_limit}")
+    if request.min_new_tokens < 0:
+        raise bad("min_new_tokens", f"{request.min_new_tokens} is negative; use 0 to stop at end-of-sequence")
+    if request.min_new_tokens > (request.max_new_tokens or config.default_max_new_tokens):
+        raise bad("min_new_tokens", f"{request.min_new_tokens} is above max_new_tokens "
+                  f"{request.max_new_tokens or config.default_max_new_tokens}; raise max_new_tokens or lower min_new_tokens")
     if not math.isfinite(request.temperature) or request.temperature < 0:
         raise bad("temperature", f"{request.temperature} must be >= 0 (0 = greedy)")
     top_p = request.top_p if request.HasField("top_p") else 1.0
@@ -89,7 +94,7 @@ def to_engine_request(request: generation_pb2.GenerateRequest, config: ServeConf
         raise bad("request_id", f"is longer than {MAX_REQUEST_ID} characters")
     return GenerationRequest(
         prompt=request.prompt if messages is None else None, messages=messages, adapter=request.adapter,
-        max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=top_p, top_k=request.top_k,
+        max_new_tokens=request.max_new_tokens, min_new_tokens=request.min_new_tokens, temperature=request.temperature, top_p=top_p, top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None, stop=list(request.stop), request_id=request_id,
     )
 

@@ -18,8 +18,12 @@ BUNDLE_JSON = "bundle.json"
 # Major version of this file's schema: a reader refuses a different major.
 SCHEMA_VERSION = 1
 # Version of the LoRA input layout (names, shapes, packing) that adapters must match. A change of
-# layout (e.g. packed QKV LoRA inputs) bumps it, and old bundles/adapters are refused by name.
-ABI_VERSION = 1
+# layout bumps it, and old bundles/adapters are refused by name.
+#   1: one LoRA pair per PEFT module (q/k/v/o/gate/up/down), unpacked base projections.
+#   2: one LoRA pair per *packed* base projection (qkv_proj, o_proj, gate_up_proj, down_proj):
+#      A is the members' A concatenated along the rank, B block-diagonal (see ``projections``).
+ABI_VERSION = 2
+ABI_CHANGES = {1: "adapter ABI 1 had one LoRA input pair per q/k/v/gate/up module; ABI 2 packs them per fused projection"}
 
 
 class BundleError(Exception):
@@ -46,14 +50,35 @@ class LoraInput(BaseModel):
     shape: list[int | str]
 
 
+class PackedMember(BaseModel):
+    """A PEFT module inside a packed projection: its output columns are ``[offset, offset + size)``."""
+
+    module: str
+    offset: int
+    size: int
+
+
 class LoraTemplate(BaseModel):
-    """The adapter ABI: which modules take LoRA inputs, their names, shapes and dtype."""
+    """The adapter ABI: which modules take LoRA inputs, their names, shapes and dtype.
+
+    ``projections`` maps each base projection that has a LoRA pair (``qkv_proj``, ``o_proj``,
+    ``gate_up_proj``, ``down_proj``) to the PEFT modules packed into it, in output order.
+    """
 
     abi_version: int = ABI_VERSION
     modules: list[str]  # e.g. ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     num_layers: int
     dtype: str
     inputs: list[LoraInput]
+    projections: dict[str, list[PackedMember]] = Field(default_factory=dict)
+
+    def projection_of(self, module: str) -> tuple[str, PackedMember] | None:
+        """``"v_proj"`` -> ``("qkv_proj", PackedMember(v_proj, 768, 192))``."""
+        for projection, members in self.projections.items():
+            for member in members:
+                if member.module == module:
+                    return projection, member
+        return None
 
     def input_names(self) -> set[str]:
         return {i.name for i in self.inputs}
@@ -103,7 +128,9 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
         raise BundleError(f"{path}: schema_version {major} is not supported (this slmops reads {SCHEMA_VERSION}); rebuild the bundle")
     abi = data.get("lora_template", {}).get("abi_version")
     if abi != ABI_VERSION:
-        raise BundleError(f"{path}: adapter ABI version {abi} is not supported (this slmops uses {ABI_VERSION}); rebuild the bundle")
+        why = f" ({ABI_CHANGES[abi]})" if abi in ABI_CHANGES else ""
+        raise BundleError(f"{path}: adapter ABI version {abi} is not supported (this slmops uses {ABI_VERSION}){why}; "
+                          "rebuild the bundle and its adapters with `slmops build`")
     return BundleManifest(**data)
 
 

@@ -50,7 +50,7 @@ class Export:
 
 @pytest.fixture(scope="session")
 def lora_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Export:
-    """fp32 export with LoRA inputs on every linear module; ``work`` keeps raw/ and template_adapter/."""
+    """fp32 export with LoRA inputs on every linear module; ``work`` keeps the builder's raw/ export."""
     from slmops_build.export import export_base_model
 
     from slmops.targets import get_target

@@ -92,9 +92,20 @@ def test_scales_follow_peft(tiny_runs: dict[str, Path], lora_export: Export, tmp
     peft = load_file(str(adapter / "adapter_model.safetensors"))
     a = peft["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].numpy()
     b = peft["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].numpy()
-    assert np.array_equal(arrays["model.layers.1.attn.v_proj.lora_A.MatMul.weight"], a.T)
-    np.testing.assert_allclose(arrays["model.layers.1.attn.v_proj.lora_B.MatMul.weight"], (b * (8 / math.sqrt(4))).T, rtol=1e-6)
-    assert len(arrays) == 8  # q,v x 2 layers x A,B: the other ABI inputs keep their rank-0 defaults
+    qa = peft["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].numpy()
+    qb = peft["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].numpy()
+    # ABI 2: q and v share the packed qkv pair: A = [A_q.T | A_v.T], B block-diagonal in q's and v's columns
+    packed_a = arrays["model.layers.1.attn.qkv_proj.lora_A.MatMul.weight"]
+    packed_b = arrays["model.layers.1.attn.qkv_proj.lora_B.MatMul.weight"]
+    _, q_cols = lora_export.template.projection_of("q_proj")
+    _, v_cols = lora_export.template.projection_of("v_proj")
+    scale = 8 / math.sqrt(4)
+    assert np.array_equal(packed_a, np.concatenate([qa.T, a.T], axis=1))
+    expected_b = np.zeros((8, packed_b.shape[1]), np.float32)
+    expected_b[:4, q_cols.offset:q_cols.offset + q_cols.size] = (qb * scale).T
+    expected_b[4:, v_cols.offset:v_cols.offset + v_cols.size] = (b * scale).T
+    np.testing.assert_allclose(packed_b, expected_b, rtol=1e-6)
+    assert len(arrays) == 4  # qkv x 2 layers x A,B: the other projections keep their rank-0 defaults
 
 
 def test_fp16_adapter_and_shape_mismatch(tiny_runs: dict[str, Path], lora_export: Export, tmp_path: Path) -> None:

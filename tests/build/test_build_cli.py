@@ -38,7 +38,7 @@ def test_build_writes_a_checked_bundle(cli_bundle: dict[str, Any], tiny_model_di
     assert all(sha256_file(out / rel) == sha for rel, sha in manifest.files.items())
     assert (manifest.target.name, manifest.target.precision, manifest.target.adapter_dtype) == ("cpu", "int4", "float32")
     assert manifest.base_model.sha256 == model_weights_sha256(tiny_model_dir)
-    assert len(manifest.lora_template.inputs) == 28 and manifest.lora_template.num_layers == 2
+    assert len(manifest.lora_template.inputs) == 16 and manifest.lora_template.num_layers == 2  # 4 packed pairs x 2 layers
     tone, extract = manifest.adapters["tone"], manifest.adapters["extract"]
     assert (tone.rank, tone.alpha, tone.target_modules, tone.file) == (4, 8.0, ["q_proj", "v_proj"], "adapters/tone.onnx_adapter")
     assert extract.rank == 8 and len(extract.target_modules) == 7
@@ -59,9 +59,10 @@ def test_int4_graph_keeps_lora_matmuls_float(cli_bundle: dict[str, Any]) -> None
 
     model = onnx.load(str(cli_bundle["out"] / "model" / "model.onnx"), load_external_data=False)
     ops = {n.name: n.op_type for n in model.graph.node}
-    assert ops["/model/layers.0/attn/q_proj/lora_A/MatMul"] == "MatMul"
+    assert ops["/model/layers.0/attn/qkv_proj/lora_A/MatMul"] == "MatMul"
     assert ops["/model/layers.1/mlp/down_proj/lora_B/MatMul"] == "MatMul"
-    assert ops["/model/layers.0/attn/q_proj/MatMul_Q4"] == "MatMulNBits"
+    assert ops["/model/layers.0/attn/qkv_proj/MatMul_Q4"] == "MatMulNBits"
+    assert ops["/model/layers.0/mlp/gate_up_proj/MatMul_Q4"] == "MatMulNBits"
 
 
 def test_rebuild_with_nothing_changed_does_no_work(cli_bundle: dict[str, Any]) -> None:
@@ -217,7 +218,8 @@ def test_yaml_config_with_cli_overrides(tiny_model_dir: Path, tiny_runs: dict[st
     main(["build", "-c", str(tmp_path / "build.yaml"), "--precision", "fp32", "-o", str(out)])
     manifest = read_manifest(out)
     assert manifest.target.precision == "fp32" and manifest.validation == {"skipped": "--no-validate"}
-    assert manifest.lora_template.modules == ["q_proj", "v_proj"] and len(manifest.lora_template.inputs) == 8
+    # q,v live in the packed qkv projection, which can take k as well
+    assert manifest.lora_template.modules == ["q_proj", "k_proj", "v_proj"] and len(manifest.lora_template.inputs) == 4
     assert manifest.build["builder_options"]["int4_block_size"] == "32"
     assert list(manifest.adapters) == ["tone"]
     assert "tone" in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""Export: LoRA inputs with symbolic rank and rank-0 defaults; adapters equal the builder's own
-baked weights; no adapter = the plain base model; fp32 + adapter = PyTorch+PEFT exactly."""
+"""Export: packed LoRA inputs (ABI 2) with symbolic rank and rank-0 defaults; packed adapters give
+PEFT's logits; no adapter = the plain base model; fp32 + adapter = PyTorch+PEFT greedy tokens."""
 
 from __future__ import annotations
 
@@ -13,14 +13,6 @@ from tests.build.conftest import PROMPTS, Export
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _baked(model_path: Path) -> dict[str, np.ndarray]:
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path))
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if ".lora_" in i.name}
-
-
 def test_lora_inputs_have_symbolic_rank_and_rank0_defaults(lora_export: Export) -> None:
     import onnx
 
@@ -28,8 +20,9 @@ def test_lora_inputs_have_symbolic_rank_and_rank0_defaults(lora_export: Export) 
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
     lora = {n: s for n, s in inputs.items() if ".lora_" in n}
-    assert len(lora) == 2 * len(MODULES) * 2  # 2 layers, 7 modules, A and B
-    assert lora["model.layers.0.attn.q_proj.lora_A.MatMul.weight"] == [64, "lora_r"]
+    assert len(lora) == 2 * 4 * 2  # 2 layers, 4 packed projections (qkv, o, gate_up, down), A and B
+    assert lora["model.layers.0.attn.qkv_proj.lora_A.MatMul.weight"] == [64, "lora_r"]
+    assert lora["model.layers.0.attn.qkv_proj.lora_B.MatMul.weight"][0] == "lora_r"
     assert lora["model.layers.1.mlp.down_proj.lora_B.MatMul.weight"] == ["lora_r", 64]
     for name, shape in lora.items():
         default = inits[name]
@@ -37,7 +30,14 @@ def test_lora_inputs_have_symbolic_rank_and_rank0_defaults(lora_export: Export) 
     template = lora_export.template
     assert template.modules == MODULES and template.num_layers == 2 and template.dtype == "float32"
     assert {i.name: i.shape for i in template.inputs} == lora
-    # the rank-0 rewrite keeps no LoRA bytes: the data file is no bigger than the raw export's
+    assert list(template.projections) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert [m.module for m in template.projections["qkv_proj"]] == ["q_proj", "k_proj", "v_proj"]
+    assert [m.module for m in template.projections["gate_up_proj"]] == ["gate_proj", "up_proj"]
+    # the base projections stay fused: one MatMul for q,k,v and one for gate,up per layer
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert "/model/layers.0/attn/qkv_proj/MatMul" in ops and "/model/layers.0/mlp/gate_up_proj/MatMul" in ops
+    assert not any("/q_proj/" in n or n.endswith("/gate_proj/MatMul") for n in ops)
+    # rank-0 defaults keep no LoRA bytes: the data file is no bigger than the raw export's
     assert (lora_export.model_dir / "model.onnx.data").stat().st_size <= (lora_export.work / "raw" / "model.onnx.data").stat().st_size
 
 
@@ -48,41 +48,35 @@ def test_genai_config_sets_threads(lora_export: Export) -> None:
     assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2
 
 
-def test_converted_template_equals_builder_weights(lora_export: Export, tmp_path: Path) -> None:
-    from slmops_build.adapters import convert_adapter, read_onnx_adapter
-
-    info = convert_adapter(lora_export.work / "template_adapter", lora_export.template, "float32", tmp_path / "t.onnx_adapter")
-    converted = read_onnx_adapter(tmp_path / "t.onnx_adapter")
-    baked = _baked(lora_export.work / "raw" / "model.onnx")
-    assert set(converted) == set(baked) == lora_export.template.input_names()
-    for name, array in baked.items():
-        assert converted[name].dtype == array.dtype and np.array_equal(converted[name], array), name
-    assert info.rank == 1 and info.target_modules == sorted(MODULES)
-
-
-def test_converted_trained_adapter_equals_builder_weights(tiny_model_dir: Path, tiny_runs: dict[str, Path],
-                                                          lora_export: Export, tmp_path: Path) -> None:
-    """A trained adapter (alpha/r = 2) through the builder's own adapter_path= baking vs our conversion."""
-    from slmops_build.adapters import convert_adapter, read_onnx_adapter
-    from slmops_build.export import run_builder
-
-    from slmops.targets import get_target
-
-    adapter = tiny_runs["extract"] / "adapter"
-    run_builder(tiny_model_dir, tmp_path / "raw", get_target("cpu", precision="fp32"), adapter_path=adapter, in_process=True)
-    baked = _baked(tmp_path / "raw" / "model.onnx")
-    info = convert_adapter(adapter, lora_export.template, "float32", tmp_path / "extract.onnx_adapter")
-    converted = read_onnx_adapter(tmp_path / "extract.onnx_adapter")
-    assert set(converted) == set(baked) and len(baked) == 28
-    for name, array in baked.items():
-        assert np.array_equal(converted[name], array), name
-    assert info.rank == 8 and info.alpha == 16
-
-
-def _ort_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+def _ort_logits(model_dir: Path, ids: list[int], adapter: dict[str, np.ndarray] | None = None) -> np.ndarray:
     from slmops_build.validate import OrtScorer
 
-    return np.asarray(OrtScorer(model_dir).logits(ids))
+    return np.asarray(OrtScorer(model_dir).logits(ids, adapter))
+
+
+@pytest.mark.parametrize("name", ["tone", "extract"])
+def test_packed_adapter_logits_equal_peft(name: str, tiny_model_dir: Path, tiny_runs: dict[str, Path],
+                                          lora_export: Export, tmp_path: Path) -> None:
+    """ABI 2: the packed qkv / gate_up LoRA pairs (A concatenated, B block-diagonal) compute exactly
+    PEFT's per-module LoRA (tone: q,v r=4 alpha 8; extract: all 7 modules r=8 alpha 16)."""
+    import torch
+    from peft import PeftModel
+    from slmops_build.adapters import convert_adapter, read_onnx_adapter
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = tiny_runs[name] / "adapter"
+    info = convert_adapter(adapter_dir, lora_export.template, "float32", tmp_path / "a.onnx_adapter")
+    arrays = read_onnx_adapter(tmp_path / "a.onnx_adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), str(adapter_dir))
+    ids = [5, 60, 120, 33, 250, 17, 99, 42]
+    with torch.no_grad():
+        expected = model.eval()(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(_ort_logits(lora_export.model_dir, ids, arrays), expected, atol=2e-4, rtol=1e-4)
+    if name == "tone":
+        assert set(arrays) == {f"model.layers.{i}.attn.qkv_proj.lora_{w}.MatMul.weight" for i in range(2) for w in "AB"}
+        assert (info.rank, info.target_modules) == (4, ["q_proj", "v_proj"])
+    else:
+        assert len(arrays) == 2 * 4 * 2 and info.rank == 8 and info.target_modules == MODULES
 
 
 def test_rank0_default_is_the_plain_base_model(lora_export: Export, plain_export: Path) -> None:

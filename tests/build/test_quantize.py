@@ -54,21 +54,35 @@ def test_int4_is_lossless_on_a_q4_grid(grid_model_dir: Path, tmp_path: Path) -> 
     fp32 = export_base_model(grid_model_dir, tmp_path / "fp32", get_target("cpu", precision="fp32"), None, in_process=True)
     # accuracy_level=1 keeps activations float, so only the weight encoding is compared
     int4 = export_base_model(grid_model_dir, tmp_path / "int4", get_target("cpu", precision="int4"), None,
-                             {"accuracy_level": "1"}, in_process=True, report=report)
+                             {"accuracy_level": "1", "offsets": "exact"}, in_process=True, report=report)
     assert fp32.inputs == int4.inputs and report["quantizer"] == "slmops"
     stats = report["quantization"]
-    assert stats["matmuls"] == 2 * 7 + 1 and stats["embedding"] == "int8" and stats["kept_float"] == []
+    assert stats["matmuls"] == 2 * 4 + 1 and stats["embedding"] == "int8" and stats["kept_float"] == []
+    assert stats["offsets"] == "exact"
     ids = [5, 60, 120, 33, 250, 17, 99, 42, 7, 300]
     np.testing.assert_allclose(_logits(tmp_path / "int4", ids), _logits(tmp_path / "fp32", ids), atol=2e-4, rtol=1e-4)
     graph = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False)
     ops = {n.name: n.op_type for n in graph.graph.node}
-    assert ops["/model/layers.0/attn/q_proj/MatMul_Q4"] == "MatMulNBits"
-    assert ops["/model/layers.0/attn/q_proj/lora_A/MatMul"] == "MatMul"
+    assert ops["/model/layers.0/attn/qkv_proj/MatMul_Q4"] == "MatMulNBits"
+    assert ops["/model/layers.0/attn/qkv_proj/lora_A/MatMul"] == "MatMul"
+    assert ops["/model/layers.0/attn/qkv_proj/MatMul/offsets"] == "MatMul"
     assert ops["/lm_head/MatMul_Q8"] == "MatMulNBits"
     assert "GatherBlockQuantized" in ops.values()
+    # the default folds the offsets into the MatMulNBits (4-bit D): near-lossless, one MatMulNBits
+    export_base_model(grid_model_dir, tmp_path / "folded", get_target("cpu", precision="int4"), None,
+                      {"accuracy_level": "1"}, in_process=True)
+    folded = _logits(tmp_path / "folded", ids)
+    np.testing.assert_allclose(folded, _logits(tmp_path / "fp32", ids), atol=5e-3)
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "folded" / "model.onnx"), load_external_data=False).graph.node}
+    assert ops["/model/layers.0/attn/qkv_proj/MatMul/with_block_sums"] == "Concat" and not any(n.endswith("/offsets") for n in ops)
+    # dropping the offsets (a rounded zero point, like the builder) is visibly worse
+    export_base_model(grid_model_dir, tmp_path / "none", get_target("cpu", precision="int4"), None,
+                      {"accuracy_level": "1", "offsets": "none"}, in_process=True)
+    fp32_logits = _logits(tmp_path / "fp32", ids)
+    assert np.abs(_logits(tmp_path / "none", ids) - fp32_logits).max() > 5 * np.abs(folded - fp32_logits).max()
     # default accuracy level (int8 activations): close, not exact
     export_base_model(grid_model_dir, tmp_path / "int4a4", get_target("cpu", precision="int4"), None, in_process=True)
-    np.testing.assert_allclose(_logits(tmp_path / "int4a4", ids), _logits(tmp_path / "fp32", ids), atol=0.05)
+    np.testing.assert_allclose(_logits(tmp_path / "int4a4", ids), fp32_logits, atol=0.05)
 
 
 def test_builder_quantizer_is_reachable(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -101,6 +115,10 @@ def test_quantizer_options_are_checked() -> None:
     assert quantizer_for(get_target("cuda"), {}) is None  # fp16: nothing to quantize
     assert quantizer_for(get_target("cuda", precision="int4"), {}) == "builder"
     # the deprecated int4_* names are translated (the 0.18 builder ignores them)
-    opts = builder_extra_options(cpu, ["/n/lora_A/MatMul"], {"quantizer": "builder", "int4_block_size": "64"})
-    assert opts["block_size"] == "64" and "int4_block_size" not in opts and opts["nodes_to_exclude"] == "/n/lora_A/MatMul"
-    assert "block_size" not in builder_extra_options(cpu, [], {})  # slmops' quantizer: the builder exports fp32
+    opts = builder_extra_options(cpu, {"quantizer": "builder", "int4_block_size": "64"})
+    assert opts["block_size"] == "64" and "int4_block_size" not in opts and "quantizer" not in opts
+    assert "block_size" not in builder_extra_options(cpu, {})  # slmops' quantizer: the builder exports fp32
+    with pytest.raises(SlmopsUsageError, match="offsets=fast is not one of"):
+        from slmops_build.quantize import quantize_graph
+
+        quantize_graph(Path("/nonexistent"), 4, {"offsets": "fast"})

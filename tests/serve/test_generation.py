@@ -103,6 +103,20 @@ def test_max_new_tokens_defaults_to_the_server_default(client: Any, server: Any)
     assert response.finish_reason == generation_pb2.FINISH_REASON_LENGTH
 
 
+def test_min_new_tokens_suppresses_eos(client: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that ends at end-of-sequence generates exactly min_new_tokens when asked."""
+    first = client.generate(PROMPT, max_new_tokens=1)
+    # The tiny model never emits its EOS: make its first greedy token an end-of-sequence token.
+    token = server.engine.tokenizer.encode(first.text)[-1]
+    monkeypatch.setattr(server.engine, "eos_ids", server.engine.eos_ids | {int(token)})
+    short = client.generate(PROMPT, max_new_tokens=12)
+    assert short.finish_reason == generation_pb2.FINISH_REASON_EOS and short.usage.completion_tokens == 1
+    fixed = client.generate(PROMPT, max_new_tokens=12, min_new_tokens=12)
+    assert fixed.usage.completion_tokens == 12 and fixed.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    chunks = list(client.generate_stream(PROMPT, max_new_tokens=12, min_new_tokens=5))
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].finish_reason == generation_pb2.FINISH_REASON_EOS
+
+
 def test_request_id_is_echoed_or_made(client: Any) -> None:
     assert client.generate(PROMPT, max_new_tokens=2, request_id="req-42").request_id == "req-42"
     assert len(client.generate(PROMPT, max_new_tokens=2).request_id) >= 8
@@ -115,6 +129,8 @@ def test_request_id_is_echoed_or_made(client: Any) -> None:
     (dict(messages=[{"role": "", "content": "hi"}]), "INVALID_ARGUMENT", "messages[0].role"),
     (dict(prompt="hi", max_new_tokens=-1), "INVALID_ARGUMENT", "max_new_tokens"),
     (dict(prompt="hi", max_new_tokens=1_000_000), "INVALID_ARGUMENT", "max_new_tokens"),
+    (dict(prompt="hi", min_new_tokens=-1), "INVALID_ARGUMENT", "min_new_tokens"),
+    (dict(prompt="hi", max_new_tokens=8, min_new_tokens=9), "INVALID_ARGUMENT", "min_new_tokens"),
     (dict(prompt="hi", temperature=-0.5), "INVALID_ARGUMENT", "temperature"),
     (dict(prompt="hi", top_p=0.0), "INVALID_ARGUMENT", "top_p"),
     (dict(prompt="hi", top_p=1.5), "INVALID_ARGUMENT", "top_p"),
