@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # images, wheelhouse, base image; IN_DOCKER=1 runs train/build inside their images
 include mk/docker.mk
 
-.PHONY: install test test-fast lint train model bundle serve protos clean help build
+.PHONY: install test test-fast lint train model bundle serve protos clean help build bench-serve bench-lora bench-peers
 
 help:
 	@echo "make install | test | test-fast | lint | model | train | bundle TARGET=cpu | serve TARGET=cpu | protos | clean"
@@ -67,6 +67,30 @@ protos: install
 
 bench-serve: install
 	$(PY) bench/bench_serve.py $(BUNDLE_DIR) --out bench/results/serve_$(TARGET).json
+
+# Adapter speed/quality gap (issue 6): LoRA graph vs plain int4 graph, in-process and over gRPC,
+# held-out accuracy vs PyTorch fp32+PEFT. bench-peers adds llama.cpp (compiles ~9 min; not in CI).
+bench-lora: install
+	@test -f $(BUNDLE_DIR)/bundle.json || $(MAKE) bundle TARGET=$(TARGET)
+	$(PY) bench/bench_lora.py $(BUNDLE_DIR) --out bench/results/lora_$(TARGET).json
+
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
+# llama-cpp-python builds llama.cpp from source; its sdist also carries convert_lora_to_gguf.py,
+# which bench-peers uses to convert the PEFT adapters (llama.cpp's own converter).
+$(LLAMA_STAMP): $(STAMP)
+	rm -rf $(VENV)/llama-src && mkdir -p $(VENV)/llama-src
+	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(VENV)/llama-src
+	tar xzf $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/llama-src \
+		--wildcards '*/vendor/llama.cpp/convert_*.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	$(PY) -m pip install -q $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	touch $(LLAMA_STAMP)
+
+bench-peers: $(LLAMA_STAMP)
+	@test -f $(BUNDLE_DIR)/bundle.json || $(MAKE) bundle TARGET=$(TARGET)
+	$(PY) bench/bench_lora.py $(BUNDLE_DIR) --peers \
+		--llama-convert $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp \
+		--out bench/results/lora_peers_$(TARGET).json
 
 clean:
 	rm -rf runs dist .pytest_cache .mypy_cache .ruff_cache

@@ -38,7 +38,7 @@ def verify_bundle(bundle_dir: Path, load: bool = True) -> tuple[list[str], list[
     from slmops.bundle import BundleError, read_manifest, verify_files
     from slmops.fsutil import sha256_file
     from slmops.targets import TARGETS
-    from slmops_build.export import read_template
+    from slmops_build.export import read_template, shape_fits
     from slmops_build.validate import can_run, check_adapter_file
 
     notes: list[str] = []
@@ -54,10 +54,14 @@ def verify_bundle(bundle_dir: Path, load: bool = True) -> tuple[list[str], list[
     try:
         graph_inputs = {i.name: i.shape for i in read_template(model_dir).inputs}
         want = {i.name: i.shape for i in template.inputs}
-        if graph_inputs != want:
+        if set(graph_inputs) != set(want):
             missing = sorted(set(want) - set(graph_inputs))
             extra = sorted(set(graph_inputs) - set(want))
             problems.append(f"model graph's LoRA inputs differ from the ABI in bundle.json (missing {missing[:3]}, extra {extra[:3]})")
+        # the graph may declare a dim symbolic (B's columns: its default broadcasts) where the ABI fixes it
+        bad = [n for n, shape in want.items() if n in graph_inputs and not shape_fits(graph_inputs[n], shape)]
+        if bad:
+            problems.append(f"model graph's LoRA input {bad[0]} has shape {graph_inputs[bad[0]]}, the ABI says {want[bad[0]]}")
     except Exception as exc:  # noqa: BLE001 - unreadable graph
         problems.append(f"{manifest.model_dir}/model.onnx cannot be read ({type(exc).__name__}: {str(exc)[:120]})")
     for name, info in manifest.adapters.items():

@@ -1,0 +1,326 @@
+"""Adapter speed and quality gap of a bundle (run by hand; not part of the test suite).
+
+Speed (decode tokens/s, fixed length, threads pinned, interleaved repeats, medians):
+  * ``plain``: the same base graph and quantization WITHOUT LoRA inputs (the ceiling: a merged
+    single-adapter bundle has exactly this graph and speed);
+  * ``plain_builder_int4``: the onnxruntime-genai builder's own int4 graph (its fastest, lossier);
+  * ``bundle``: the bundle's LoRA-input graph with no adapter and with each of its adapters;
+  * the same three through the gRPC server (GenerateStream, ``min_new_tokens`` = fixed length).
+Quality on the adapters' held-out eval sets: bundle vs PyTorch fp32+PEFT (accuracy / ROUGE-L)
+and base perplexity vs fp32. ``--peers``: llama.cpp (llama-cpp-python) on the Q4_1 GGUF the
+default model comes from, adapters converted with llama.cpp's convert_lora_to_gguf.py.
+
+    make bench-lora                  # .venv/bin/python bench/bench_lora.py dist/bundles/cpu
+    make bench-peers                 # + llama.cpp (installs llama-cpp-python: ~9 min compile)
+
+Writes JSON (``--out``) and prints a markdown table of ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import ServerProcess, versions  # noqa: E402
+
+PROMPT = "Write a short story about a robot who learns to paint, in five sentences."
+GOALS = {"adapter_vs_plain": 0.90, "no_adapter_vs_plain": 0.97, "grpc_within": 0.05, "accuracy_points": 1.0, "ppl_pct": 5.0}
+
+
+def og_model(model_dir: Path, threads: int) -> Any:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def decode_run(model: Any, adapters: Any, ids: list[int], new_tokens: int, adapter: str | None) -> tuple[float, float]:
+    """(decode tok/s after the first token, prefill+first token ms) of one fixed-length greedy run."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter:
+        gen.set_active_adapter(adapters, adapter)
+    started = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    first = time.perf_counter()
+    count = 1
+    while not gen.is_done():
+        gen.generate_next_token()
+        count += 1
+    ended = time.perf_counter()
+    del gen
+    return (count - 1) / (ended - first), (first - started) * 1000
+
+
+def stream_run(client: Any, prompt_messages: list[dict[str, str]], adapter: str, new_tokens: int) -> float:
+    """Decode tok/s of one GenerateStream seen by the client (first chunk to last)."""
+    first = last = None
+    tokens = 0
+    for chunk in client.generate_stream(messages=prompt_messages, adapter=adapter, max_new_tokens=new_tokens,
+                                        min_new_tokens=new_tokens):
+        now = time.perf_counter()
+        first = first or now
+        last = now
+        tokens = chunk.usage.completion_tokens or tokens
+    assert first is not None and last is not None and tokens == new_tokens, tokens
+    return (tokens - 1) / (last - first)
+
+
+def export_baselines(hf_dir: str, work: Path, manifest: Any) -> dict[str, Path]:
+    from slmops_build.export import export_base_model
+
+    from slmops.targets import get_target
+
+    target = get_target(manifest.target.name, precision=manifest.target.precision)
+    extra = dict(manifest.build.get("config", {}).get("extra_options") or {})
+    out = {"plain": work / "plain", "plain_builder_int4": work / "plain_builder_int4"}
+    if not (out["plain"] / "model.onnx").is_file():
+        export_base_model(hf_dir, out["plain"], target, None, extra, with_lora=False)
+    if not (out["plain_builder_int4"] / "model.onnx").is_file():
+        export_base_model(hf_dir, out["plain_builder_int4"], get_target(manifest.target.name, precision="int4"), None,
+                          {"quantizer": "builder"}, with_lora=False)
+    return out
+
+
+def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: list[int], messages: list[dict[str, str]],
+                args: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime_genai as og
+
+    from slmops_serve.client import SlmopsClient
+
+    names = list(manifest.adapters)
+    models = {key: og_model(path, args.threads) for key, path in baselines.items()}
+    lora = og_model(bundle / manifest.model_dir, args.threads)
+    og_adapters = og.Adapters(lora)
+    for name, info in manifest.adapters.items():
+        og_adapters.load(str(bundle / info.file), name)
+    cases: dict[str, tuple[Any, str | None]] = {key: (model, None) for key, model in models.items()}
+    cases["bundle"] = (lora, None)
+    cases.update({f"bundle+{n}": (lora, n) for n in names})
+    runs: dict[str, list[float]] = {key: [] for key in cases}
+    prefill: dict[str, list[float]] = {key: [] for key in cases}
+    server = client = None
+    if not args.no_grpc:
+        server = ServerProcess(bundle, bundle / "adapters", args.threads, 1, Path(args.work) / "server.log")
+        client = SlmopsClient(f"127.0.0.1:{server.port}", timeout=600)
+        server.wait_ready(client)
+        runs.update({"grpc": [], **{f"grpc+{n}": [] for n in names}})
+    try:
+        for key, (model, adapter) in cases.items():  # warm-up
+            decode_run(model, og_adapters, ids, 8, adapter)
+        if client is not None:
+            for adapter in ["", *names]:
+                stream_run(client, messages, adapter, 8)
+        for rep in range(args.repeats):
+            order = list(cases) + ([k for k in runs if k.startswith("grpc")] if client else [])
+            for key in order if rep % 2 == 0 else reversed(order):  # interleaved, alternating order
+                if key.startswith("grpc"):
+                    adapter = key.partition("+")[2]
+                    runs[key].append(stream_run(client, messages, adapter, args.new_tokens))
+                else:
+                    model, active = cases[key]
+                    tps, ms = decode_run(model, og_adapters, ids, args.new_tokens, active)
+                    runs[key].append(tps)
+                    prefill[key].append(ms)
+            print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.stop()
+    med = {key: statistics.median(values) for key, values in runs.items()}
+    plain = med["plain"]
+    result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "prompt_tokens": len(ids),
+                              "repeats": args.repeats, "decode_tok_s": {k: round(v, 1) for k, v in med.items()},
+                              "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+                              "prefill_ms": {k: round(statistics.median(v), 1) for k, v in prefill.items() if v}}
+    ratios = {k: round(v / plain, 3) for k, v in med.items()}
+    result["vs_plain"] = ratios
+    result["vs_plain_builder_int4"] = {k: round(v / med["plain_builder_int4"], 3) for k, v in med.items()}
+    if client is not None:
+        # the gRPC ratio vs the in-process ratio of the same case: goal within 5%
+        result["grpc_vs_inprocess"] = {
+            key: round(med[key] / med[key.replace("grpc", "bundle", 1)], 3) for key in med if key.startswith("grpc")}
+    return result
+
+
+def bench_quality(bundle: Path, manifest: Any, hf_dir: str, rows: int) -> dict[str, Any]:
+    from slmops_build.adapters import load_peft_adapter
+    from slmops_build.validate import Bounds, validate_bundle
+
+    from slmops.targets import get_target
+
+    target = get_target(manifest.target.name, precision=manifest.target.precision)
+    adapters = {name: (load_peft_adapter(name, info.source_run, None, None), bundle / info.file)
+                for name, info in manifest.adapters.items() if info.source_run}
+    report = validate_bundle(bundle, hf_dir, manifest.lora_template, target, adapters,
+                             Bounds(rows=rows, max_accuracy_drop=GOALS["accuracy_points"], max_ppl_increase=GOALS["ppl_pct"],
+                                    ppl_texts=rows))
+    return report
+
+
+def bench_llama_cpp(manifest: Any, hf_dir: str, convert_dir: Path, work: Path, ids: list[int], rows: int,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """llama.cpp on the Q4_1 GGUF + adapters converted by its own convert_lora_to_gguf.py."""
+    import llama_cpp
+    from slmops_build.adapters import load_peft_adapter
+    from slmops_build.validate import Bounds, eval_set, task_score
+    from transformers import AutoTokenizer
+
+    from slmops.models import default_gguf_path
+
+    gguf = default_gguf_path()
+    out: dict[str, Any] = {"llama_cpp_python": llama_cpp.__version__, "gguf": str(gguf), "adapters": {}}
+    lora_files: dict[str, Path] = {}
+    for name, info in manifest.adapters.items():
+        adapter = load_peft_adapter(name, info.source_run, None, None)
+        dest = work / f"{name}.lora.gguf"
+        if not dest.is_file():
+            cmd = [sys.executable, str(convert_dir / "convert_lora_to_gguf.py"), "--base", hf_dir, "--outfile", str(dest),
+                   "--outtype", "f32", str(adapter.adapter_dir)]
+            # llama.cpp's gguf-py first: the converter expects its own gguf version
+            env = {**os.environ, "PYTHONPATH": str(convert_dir / "gguf-py"), "HF_HUB_OFFLINE": "1"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"convert_lora_to_gguf.py failed for {name}:\n{proc.stderr[-2000:]}")
+        lora_files[name] = dest
+    llms = {"base": llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_ctx=1024, verbose=False)}
+    for name, path in lora_files.items():
+        llms[name] = llama_cpp.Llama(model_path=str(gguf), lora_path=str(path), n_threads=args.threads, n_ctx=1024, verbose=False)
+    eos = {int(llms["base"].token_eos())}
+
+    def generate(llm: Any, prompt: list[int], max_new: int, fixed: bool = False) -> tuple[list[int], float]:
+        llm.reset()
+        tokens: list[int] = []
+        first = ended = 0.0
+        for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            now = time.perf_counter()
+            first = first or now
+            ended = now
+            if token in eos and not fixed:
+                break
+            tokens.append(int(token))
+            if len(tokens) >= max_new:
+                break
+        return tokens, (len(tokens) - 1) / max(ended - first, 1e-9)
+
+    speed: dict[str, list[float]] = {k: [] for k in llms}
+    for _ in range(args.repeats):
+        for key, llm in llms.items():
+            speed[key].append(generate(llm, ids, args.new_tokens, fixed=True)[1])
+    out["decode_tok_s"] = {k: round(statistics.median(v), 1) for k, v in speed.items()}
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    for name, info in manifest.adapters.items():
+        adapter = load_peft_adapter(name, info.source_run, None, None)
+        data = eval_set(adapter, tokenizer, Bounds(rows=rows))
+        answers = []
+        for prompt in data.prompts:
+            prompt_ids = list(tokenizer(prompt, add_special_tokens=not data.chat)["input_ids"])
+            tokens, _ = generate(llms[name], prompt_ids, data.max_new_tokens)
+            answers.append(str(tokenizer.decode(tokens, skip_special_tokens=True)).strip())
+        metric, score = task_score(answers, data.references, data.label_task)
+        out["adapters"][name] = {"metric": metric, "llama_cpp": round(score, 4), "rows": len(answers)}
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    speed = result.get("speed", {})
+    lines = ["| case | decode tok/s | vs plain (same quantization) | vs builder int4 plain |", "|---|---|---|---|"]
+    for key, tps in speed.get("decode_tok_s", {}).items():
+        lines.append(f"| {key} | {tps} | {speed['vs_plain'][key]:.3f} | {speed['vs_plain_builder_int4'][key]:.3f} |")
+    if "grpc_vs_inprocess" in speed:
+        lines += ["", "| gRPC / in-process (same case) | ratio |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in speed["grpc_vs_inprocess"].items()]
+    quality = result.get("quality", {})
+    peers = result.get("llama_cpp", {}).get("adapters", {})
+    if quality.get("adapters"):
+        lines += ["", "| adapter | metric | bundle int4 | PyTorch fp32+PEFT | llama.cpp Q4_1 | rows |", "|---|---|---|---|---|---|"]
+        for name, entry in quality["adapters"].items():
+            peer = peers.get(name, {}).get("llama_cpp", "-")
+            lines.append(f"| {name} | {entry.get('metric')} | {entry.get('bundle')} | {entry.get('pytorch')} | {peer} | {entry.get('rows')} |")
+    if quality.get("perplexity"):
+        ppl = quality["perplexity"]
+        lines.append(f"\nbase perplexity: bundle {ppl.get(result['precision'])} vs fp32 {ppl['fp32']} ({ppl['increase_pct']:+.2f}%)")
+    if "llama_cpp" in result:
+        lines.append(f"llama.cpp decode tok/s: {result['llama_cpp']['decode_tok_s']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=50, help="held-out eval rows per adapter")
+    parser.add_argument("--no-grpc", dest="no_grpc", action="store_true")
+    parser.add_argument("--no-quality", dest="no_quality", action="store_true")
+    parser.add_argument("--peers", action="store_true", help="add llama.cpp (needs llama-cpp-python: make bench-peers)")
+    parser.add_argument("--llama-convert", dest="llama_convert", type=Path, default=None,
+                        help="llama.cpp source folder with convert_lora_to_gguf.py and gguf-py/")
+    parser.add_argument("--work", default=None, help="folder for the baseline graphs (kept; default: a temp folder)")
+    parser.add_argument("--out", default="bench/results/lora.json")
+    args = parser.parse_args()
+
+    from slmops_build.validate import quiet_transformers
+    from transformers import AutoTokenizer
+
+    from slmops.bundle import read_manifest
+    from slmops.models import resolve_model_path
+
+    quiet_transformers()
+    bundle = args.bundle
+    manifest = read_manifest(bundle)
+    hf_dir = str(resolve_model_path(manifest.build.get("model_path") or manifest.base_model.source))
+    own_work = args.work is None
+    work = Path(args.work or tempfile.mkdtemp(prefix="slmops-bench-lora-"))
+    work.mkdir(parents=True, exist_ok=True)
+    args.work = str(work)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    result: dict[str, Any] = {"bundle": str(bundle), "model": hf_dir, "precision": manifest.target.precision,
+                              "abi_version": manifest.lora_template.abi_version, "goals": GOALS, "versions": versions(),
+                              "adapters": {n: {"rank": a.rank, "modules": a.target_modules} for n, a in manifest.adapters.items()}}
+    out_path = Path(args.out)
+    try:
+        t0 = time.time()
+        baselines = export_baselines(hf_dir, work, manifest)
+        result["baseline_export_s"] = round(time.time() - t0, 1)
+        print(f"speed: {args.repeats} interleaved repeats of {args.new_tokens} tokens, {args.threads} threads", flush=True)
+        result["speed"] = bench_speed(bundle, manifest, baselines, ids, messages, args)
+        if not args.no_quality:
+            print(f"quality: {args.rows} held-out rows per adapter, bundle vs PyTorch fp32+PEFT", flush=True)
+            result["quality"] = bench_quality(bundle, manifest, hf_dir, args.rows)
+        if args.peers:
+            if args.llama_convert is None:
+                raise SystemExit("--peers needs --llama-convert DIR (make bench-peers sets it)")
+            print("llama.cpp: converting adapters, speed and quality", flush=True)
+            result["llama_cpp"] = bench_llama_cpp(manifest, hf_dir, args.llama_convert, work, ids, args.rows, args)
+    finally:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(table(result))
+        print(f"wrote {out_path}")
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
