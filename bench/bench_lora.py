@@ -101,7 +101,6 @@ def export_baselines(hf_dir: str, work: Path, manifest: Any) -> dict[str, Path]:
 def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: list[int], messages: list[dict[str, str]],
                 args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime_genai as og
-
     from slmops_serve.client import SlmopsClient
 
     names = list(manifest.adapters)
@@ -122,7 +121,7 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
         server.wait_ready(client)
         runs.update({"grpc": [], **{f"grpc+{n}": [] for n in names}})
     try:
-        for key, (model, adapter) in cases.items():  # warm-up
+        for model, adapter in cases.values():  # warm-up
             decode_run(model, og_adapters, ids, 8, adapter)
         if client is not None:
             for adapter in ["", *names]:
