@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50, help="held-out eval rows per adapter")
     parser.add_argument("--no-grpc", dest="no_grpc", action="store_true")
     parser.add_argument("--no-quality", dest="no_quality", action="store_true")
+    parser.add_argument("--no-speed", dest="no_speed", action="store_true")
     parser.add_argument("--peers", action="store_true", help="add llama.cpp (needs llama-cpp-python: make bench-peers)")
     parser.add_argument("--llama-convert", dest="llama_convert", type=Path, default=None,
                         help="llama.cpp source folder with convert_lora_to_gguf.py and gguf-py/")
@@ -299,11 +300,12 @@ def main() -> None:
                               "adapters": {n: {"rank": a.rank, "modules": a.target_modules} for n, a in manifest.adapters.items()}}
     out_path = Path(args.out)
     try:
-        t0 = time.time()
-        baselines = export_baselines(hf_dir, work, manifest)
-        result["baseline_export_s"] = round(time.time() - t0, 1)
-        print(f"speed: {args.repeats} interleaved repeats of {args.new_tokens} tokens, {args.threads} threads", flush=True)
-        result["speed"] = bench_speed(bundle, manifest, baselines, ids, messages, args)
+        if not args.no_speed:
+            t0 = time.time()
+            baselines = export_baselines(hf_dir, work, manifest)
+            result["baseline_export_s"] = round(time.time() - t0, 1)
+            print(f"speed: {args.repeats} interleaved repeats of {args.new_tokens} tokens, {args.threads} threads", flush=True)
+            result["speed"] = bench_speed(bundle, manifest, baselines, ids, messages, args)
         if not args.no_quality:
             print(f"quality: {args.rows} held-out rows per adapter, bundle vs PyTorch fp32+PEFT", flush=True)
             result["quality"] = bench_quality(bundle, manifest, hf_dir, args.rows)
