@@ -104,14 +104,20 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
     from slmops_serve.client import SlmopsClient
 
     names = list(manifest.adapters)
-    models = {key: og_model(path, args.threads) for key, path in baselines.items()}
-    lora = og_model(bundle / manifest.model_dir, args.threads)
-    og_adapters = og.Adapters(lora)
-    for name, info in manifest.adapters.items():
-        og_adapters.load(str(bundle / info.file), name)
-    cases: dict[str, tuple[Any, str | None]] = {key: (model, None) for key, model in models.items()}
-    cases["bundle"] = (lora, None)
-    cases.update({f"bundle+{n}": (lora, n) for n in names})
+    # Every graph is loaded --instances times and each instance runs every repeat: on this kind of
+    # machine one instance of the SAME graph can run a few % faster than another (where its weights
+    # landed in memory), which would otherwise bias a ratio.
+    cases: dict[str, list[tuple[Any, Any, str | None]]] = {}
+    for _ in range(args.instances):
+        for key, path in baselines.items():
+            cases.setdefault(key, []).append((og_model(path, args.threads), None, None))
+        lora = og_model(bundle / manifest.model_dir, args.threads)
+        og_adapters = og.Adapters(lora)
+        for name, info in manifest.adapters.items():
+            og_adapters.load(str(bundle / info.file), name)
+        cases.setdefault("bundle", []).append((lora, og_adapters, None))
+        for n in names:
+            cases.setdefault(f"bundle+{n}", []).append((lora, og_adapters, n))
     runs: dict[str, list[float]] = {key: [] for key in cases}
     prefill: dict[str, list[float]] = {key: [] for key in cases}
     server = client = None
@@ -121,8 +127,9 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
         server.wait_ready(client)
         runs.update({"grpc": [], **{f"grpc+{n}": [] for n in names}})
     try:
-        for model, adapter in cases.values():  # warm-up
-            decode_run(model, og_adapters, ids, 8, adapter)
+        for instances in cases.values():  # warm-up
+            for model, handle, adapter in instances:
+                decode_run(model, handle, ids, 8, adapter)
         if client is not None:
             for adapter in ["", *names]:
                 stream_run(client, messages, adapter, 8)
@@ -133,10 +140,10 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
                     adapter = key.partition("+")[2]
                     runs[key].append(stream_run(client, messages, adapter, args.new_tokens))
                 else:
-                    model, active = cases[key]
-                    tps, ms = decode_run(model, og_adapters, ids, args.new_tokens, active)
-                    runs[key].append(tps)
-                    prefill[key].append(ms)
+                    for model, handle, active in cases[key]:
+                        tps, ms = decode_run(model, handle, ids, args.new_tokens, active)
+                        runs[key].append(tps)
+                        prefill[key].append(ms)
             print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
     finally:
         if client is not None:
@@ -146,7 +153,7 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
     med = {key: statistics.median(values) for key, values in runs.items()}
     plain = med["plain"]
     result: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "prompt_tokens": len(ids),
-                              "repeats": args.repeats, "decode_tok_s": {k: round(v, 1) for k, v in med.items()},
+                              "repeats": args.repeats, "instances": args.instances, "decode_tok_s": {k: round(v, 1) for k, v in med.items()},
                               "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
                               "prefill_ms": {k: round(statistics.median(v), 1) for k, v in prefill.items() if v}}
     ratios = {k: round(v / plain, 3) for k, v in med.items()}
@@ -267,6 +274,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--instances", type=int, default=2, help="loads of each graph (each runs every repeat)")
     parser.add_argument("--rows", type=int, default=50, help="held-out eval rows per adapter")
     parser.add_argument("--no-grpc", dest="no_grpc", action="store_true")
     parser.add_argument("--no-quality", dest="no_quality", action="store_true")
@@ -304,7 +312,8 @@ def main() -> None:
             t0 = time.time()
             baselines = export_baselines(hf_dir, work, manifest)
             result["baseline_export_s"] = round(time.time() - t0, 1)
-            print(f"speed: {args.repeats} interleaved repeats of {args.new_tokens} tokens, {args.threads} threads", flush=True)
+            print(f"speed: {args.repeats} interleaved repeats x {args.instances} instances of {args.new_tokens} tokens, "
+                  f"{args.threads} threads", flush=True)
             result["speed"] = bench_speed(bundle, manifest, baselines, ids, messages, args)
         if not args.no_quality:
             print(f"quality: {args.rows} held-out rows per adapter, bundle vs PyTorch fp32+PEFT", flush=True)
