@@ -106,3 +106,41 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, t
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "slmops.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_model_dir: Path, tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> train run folder: `tone` (q,v r=4 alpha 8), `extract` (all-linear r=8 alpha 16, chat template)."""
+    from slmops_train.config import build_config
+    from slmops_train.recipe import train
+
+    root = tmp_path_factory.mktemp("runs")
+    common = {
+        "model_name_or_path": str(tiny_model_dir), "max_steps": 6, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "learning_rate": 1e-2, "eval_generate_limit": 4, "eval_max_new_tokens": 4,
+        "progress": False, "report_to": [], "eval_split": "eval",
+    }
+    train(build_config({
+        **common, "data_files": [f"train={tiny_data['tone_train']}", f"eval={tiny_data['tone_eval']}"],
+        "text_template": "Tone of: {phrase}\n{tone}", "lora_r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"], "output_path": str(root / "tone"),
+    }))
+    train(build_config({
+        **common, "data_files": [f"train={tiny_data['extract_train']}", f"eval={tiny_data['extract_eval']}"],
+        "text_template": "Extract: {request}\n{json}", "use_chat_template": True, "lora_r": 8, "lora_alpha": 16,
+        "target_modules": ["all-linear"], "output_path": str(root / "extract"),
+    }))
+    return {"tone": root / "tone", "extract": root / "extract"}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_dir: Path, tiny_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 cpu bundle with adapters `tone` (q,v r=4) and `extract` (all-linear r=8); no validation (fast)."""
+    from rich.console import Console
+    from slmops_build.build import BuildConfig, build_bundle
+
+    out = tmp_path_factory.mktemp("serve-bundle") / "cpu"
+    config = BuildConfig(target="cpu", precision="fp32", model_name_or_path=str(tiny_model_dir),
+                         adapters={"tone": str(tiny_runs["tone"]), "extract": str(tiny_runs["extract"])},
+                         output_path=str(out), validate_bundle=False)
+    return build_bundle(config, console=Console(stderr=True, quiet=True))

@@ -25,9 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.build.conftest import tiny_runs  # noqa: F401  (fixture)
 from tests.conftest import REPO
-from tests.serve.conftest import tiny_bundle  # noqa: F401  (fixture)
 
 VERSION = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
                if line.startswith("version"))

@@ -13,24 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.build.conftest import tiny_runs  # noqa: F401  (fixture: two tiny trained PEFT adapters)
-
 ADMIN_TOKEN = "test-admin-token"
 MAX_UPLOAD = 200_000  # bytes; the extract adapter (~70 kB) fits, a 300 kB upload does not
 PROMPT = "Tone of: I lost my keys again\n"
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_model_dir: Path, tiny_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    """fp32 cpu bundle with adapters `tone` (q,v r=4) and `extract` (all-linear r=8); no validation (fast)."""
-    from rich.console import Console
-    from slmops_build.build import BuildConfig, build_bundle
-
-    out = tmp_path_factory.mktemp("serve-bundle") / "cpu"
-    config = BuildConfig(target="cpu", precision="fp32", model_name_or_path=str(tiny_model_dir),
-                         adapters={"tone": str(tiny_runs["tone"]), "extract": str(tiny_runs["extract"])},
-                         output_path=str(out), validate_bundle=False)
-    return build_bundle(config, console=Console(stderr=True, quiet=True))
 
 
 def read_adapter(path: Path) -> dict[str, Any]:
