@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmops.bundle import ABI_VERSION, SCHEMA_VERSION, AdapterInfo, BundleError, read_manifest, verify_files
-from slmops.errors import SlmopsUsageError
+from slmops.errors import usage_error_from_validation
 from slmops.fsutil import atomic_output_dir, sha256_file
 from slmops.models import resolve_model_path
 from slmops.targets import PRECISIONS, Target, get_target
@@ -107,19 +107,11 @@ def build_config(values: dict[str, Any], source: str = "") -> BuildConfig:
     try:
         return BuildConfig(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = f" (in {source})" if source else ""
-        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-        option = "--" + loc[0] if loc else "config"
-        option = {"--adapters": "--adapter", "--extra_options": "--extra_option", "--validate_bundle": "--validate"}.get(option, option)
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            raise SlmopsUsageError(option, f"unknown option{where}; see `slmops build --help`") from exc
-        if msg.startswith("--"):
-            option, _, msg = msg.partition(": ")
-        if err["type"] == "literal_error" and option == "--precision":
-            msg = f"{msg}; PRECISIONS are {list(PRECISIONS)}"
-        raise SlmopsUsageError(option, f"{msg}{where}") from exc
+        raise usage_error_from_validation(
+            exc, "build", source,
+            aliases={"--adapters": "--adapter", "--extra_options": "--extra_option", "--validate_bundle": "--validate"},
+            hints={("literal_error", "--precision"): f"PRECISIONS are {list(PRECISIONS)}"},
+        ) from exc
 
 
 def load_build_yaml(path: str | Path) -> dict[str, Any]:

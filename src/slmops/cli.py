@@ -61,7 +61,9 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> Any:
     """Console entry point: usage errors print one line and exit 2."""
     try:
-        return cli.main(args=argv, standalone_mode=False)
+        result = cli.main(args=argv, standalone_mode=False)
+        # standalone_mode=False returns the command's return value: only an int is an exit code
+        return result if isinstance(result, int) else 0
     except SlmopsUsageError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)

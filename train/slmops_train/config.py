@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmops.configfile import load_yaml
-from slmops.errors import SlmopsUsageError
+from slmops.errors import SlmopsUsageError, usage_error_from_validation
 
 # `train`, `train[:4096]`, `train[4096:4224]`, `train[:90%]`, `validation`
 SPLIT_PATTERN = re.compile(r"^[A-Za-z_][\w.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
@@ -132,23 +132,12 @@ class TrainConfig(BaseModel):
         return Path(self.output_path) if self.output_path else Path("runs") / self.run_name()
 
 
-def _field_of(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not isinstance(p, int)]
-    return "--" + parts[-1] if parts else "config"
-
-
 def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
     """Validate ``values`` into a TrainConfig; errors name the option (exit 2 at the CLI)."""
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = f" (in {source})" if source else ""
-        option = _field_of(err["loc"]) if err["loc"] else "--data_files/--data_name"
-        if err["type"] == "extra_forbidden":
-            raise SlmopsUsageError(option, f"unknown option{where}; see `slmops train --help`") from exc
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise SlmopsUsageError(option, f"{msg}{where}") from exc
+        raise usage_error_from_validation(exc, "train", source, last_part=True, no_field="--data_files/--data_name") from exc
 
 
 def configs_from_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> list[TrainConfig]:
