@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_build import decode_speed as decode_run  # noqa: E402  (fixed-length greedy run: tok/s, prefill ms)
 from bench_serve import ServerProcess, versions  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint, in five sentences."
@@ -44,28 +45,6 @@ def og_model(model_dir: Path, threads: int) -> Any:
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     return og.Model(config)
-
-
-def decode_run(model: Any, adapters: Any, ids: list[int], new_tokens: int, adapter: str | None) -> tuple[float, float]:
-    """(decode tok/s after the first token, prefill+first token ms) of one fixed-length greedy run."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    if adapter:
-        gen.set_active_adapter(adapters, adapter)
-    started = time.perf_counter()
-    gen.append_tokens(ids)
-    gen.generate_next_token()
-    first = time.perf_counter()
-    count = 1
-    while not gen.is_done():
-        gen.generate_next_token()
-        count += 1
-    ended = time.perf_counter()
-    del gen
-    return (count - 1) / (ended - first), (first - started) * 1000
 
 
 def stream_run(client: Any, prompt_messages: list[dict[str, str]], adapter: str, new_tokens: int) -> float:
