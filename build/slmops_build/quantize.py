@@ -12,6 +12,10 @@ point misses, the per-block offset ``D = min + z * scale``, is put back (``offse
   read in float32 every token, a quarter of the int4 weight bytes).
 * ``none``: dropped, i.e. the builder-like rounded zero point.
 
+``accuracy_level`` (default 4: int8 activations, onnxruntime's fast path) applies to the int4
+MatMuls; the int8 lm_head has its own ``head_accuracy_level`` (default 4: with 1 it runs ~15x
+slower, there is no fast fp32-activation kernel for 8-bit blocks).
+
 Weights already on a 4-bit grid (a model converted from a Q4_1 GGUF, like the default SmolLM2)
 come out (near-)lossless. The lm_head and the (tied) embedding are int8 blocks (lossless for
 Q8_0-derived weights). LoRA MatMuls stay float. Measured on SmolLM2-135M (bench/bench_lora.py,
@@ -52,7 +56,7 @@ QUANTIZERS = ("slmops", "builder")
 # Options only the builder's quantizer understands (they select `quantizer=builder`'s behaviour).
 BUILDER_ONLY_OPTIONS = ("algo_config", "is_symmetric", "op_types_to_quantize", "matmul_mixed_precision", "use_qdq")
 # Options slmops' quantizer reads; everything else goes to the builder.
-SLMOPS_QUANT_OPTIONS = ("quantizer", "block_size", "accuracy_level", "embedding_bits", "offsets")
+SLMOPS_QUANT_OPTIONS = ("quantizer", "block_size", "accuracy_level", "head_accuracy_level", "embedding_bits", "offsets")
 
 
 def check_precision(target: Target) -> None:
@@ -213,6 +217,9 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
     options = options or {}
     block = int(options.get("block_size", 32))
     accuracy = int(options.get("accuracy_level", 4))
+    # The int8 lm_head keeps int8 activations unless asked: onnxruntime has no fast fp32-activation
+    # kernel for 8-bit blocks (measured: accuracy_level=1 on it drops decode from ~90 to 6 tok/s).
+    head_accuracy = int(options.get("head_accuracy_level", 4))
     embed_bits = int(options.get("embedding_bits", 8))
     offsets_mode = options.get("offsets", DEFAULT_OFFSETS)
     if offsets_mode not in OFFSET_MODES:
@@ -240,6 +247,7 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
         final.name, final.shape, final.dtype = name, shape, ir.DataType.FLOAT
 
     stats: dict[str, Any] = {"method": "slmops", "bits": bits, "block_size": block, "accuracy_level": accuracy,
+             "head_accuracy_level": head_accuracy,
              "embedding_bits": embed_bits, "offsets": offsets_mode, "matmuls": 0, "kept_float": []}
     block_sums: dict[tuple[int, int, int], Any] = {}
     sum_matrices: dict[tuple[int, int], Any] = {}
@@ -310,7 +318,8 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
             [matmul_input, const(f"{base}_Q{node_bits}", q), const(f"{base}_scales", scales.reshape(-1)),
              const(f"{base}_zp", zp)],
             attributes=[ir.AttrInt64("K", k_total), ir.AttrInt64("N", n), ir.AttrInt64("bits", node_bits),
-                        ir.AttrInt64("block_size", block), ir.AttrInt64("accuracy_level", accuracy)],
+                        ir.AttrInt64("block_size", block),
+                        ir.AttrInt64("accuracy_level", head_accuracy if is_head else accuracy)],
             name=f"{node.name}_Q{node_bits}", num_outputs=1,
         )
         matmul.outputs[0].name = f"{node.name}_Q{node_bits}/output_0"

@@ -54,7 +54,7 @@ def test_int4_is_lossless_on_a_q4_grid(grid_model_dir: Path, tmp_path: Path) -> 
     fp32 = export_base_model(grid_model_dir, tmp_path / "fp32", get_target("cpu", precision="fp32"), None, in_process=True)
     # accuracy_level=1 keeps activations float, so only the weight encoding is compared
     int4 = export_base_model(grid_model_dir, tmp_path / "int4", get_target("cpu", precision="int4"), None,
-                             {"accuracy_level": "1", "offsets": "exact"}, in_process=True, report=report)
+                             {"accuracy_level": "1", "head_accuracy_level": "1", "offsets": "exact"}, in_process=True, report=report)
     assert fp32.inputs == int4.inputs and report["quantizer"] == "slmops"
     stats = report["quantization"]
     assert stats["matmuls"] == 2 * 4 + 1 and stats["embedding"] == "int8" and stats["kept_float"] == []
@@ -70,18 +70,24 @@ def test_int4_is_lossless_on_a_q4_grid(grid_model_dir: Path, tmp_path: Path) -> 
     assert "GatherBlockQuantized" in ops.values()
     # the default folds the offsets into the MatMulNBits (4-bit D): near-lossless, one MatMulNBits
     export_base_model(grid_model_dir, tmp_path / "folded", get_target("cpu", precision="int4"), None,
-                      {"accuracy_level": "1"}, in_process=True)
+                      {"accuracy_level": "1", "head_accuracy_level": "1"}, in_process=True)
     folded = _logits(tmp_path / "folded", ids)
     np.testing.assert_allclose(folded, _logits(tmp_path / "fp32", ids), atol=5e-3)
     ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "folded" / "model.onnx"), load_external_data=False).graph.node}
     assert ops["/model/layers.0/attn/qkv_proj/MatMul/with_block_sums"] == "Concat" and not any(n.endswith("/offsets") for n in ops)
     # dropping the offsets (a rounded zero point, like the builder) is visibly worse
     export_base_model(grid_model_dir, tmp_path / "none", get_target("cpu", precision="int4"), None,
-                      {"accuracy_level": "1", "offsets": "none"}, in_process=True)
+                      {"accuracy_level": "1", "head_accuracy_level": "1", "offsets": "none"}, in_process=True)
     fp32_logits = _logits(tmp_path / "fp32", ids)
     assert np.abs(_logits(tmp_path / "none", ids) - fp32_logits).max() > 5 * np.abs(folded - fp32_logits).max()
     # default accuracy level (int8 activations): close, not exact
     export_base_model(grid_model_dir, tmp_path / "int4a4", get_target("cpu", precision="int4"), None, in_process=True)
+    # accuracy_level=1 alone leaves the int8 lm_head on int8 activations (no fast fp32 kernel for it)
+    export_base_model(grid_model_dir, tmp_path / "a1", get_target("cpu", precision="int4"), None, {"accuracy_level": "1"},
+                      in_process=True)
+    levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+              for n in onnx.load(str(tmp_path / "a1" / "model.onnx"), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    assert levels.pop("/lm_head/MatMul_Q8") == 4 and set(levels.values()) == {1}
     np.testing.assert_allclose(_logits(tmp_path / "int4a4", ids), fp32_logits, atol=0.05)
 
 
