@@ -88,7 +88,9 @@ def _fmt(value: Any) -> str:
 @click.option("--lora_modules", type=str, default=None, help="comma list of modules with runtime LoRA inputs (default all linear)")
 @click.option("-o", "--output_path", type=str, default=None, help="bundle folder (default dist/bundles/<target>)")
 @click.option("--overwrite/--no-overwrite", default=None, help="replace an existing bundle")
-@click.option("--extra_option", "extra_option", multiple=True, help="model builder option KEY=VALUE (repeatable), e.g. int4_algo_config=k_quant")
+@click.option("--extra_option", "extra_option", multiple=True, help="quantizer / model builder option KEY=VALUE (repeatable): offsets=folded|exact|none, accuracy_level=4|1, "
+              "head_accuracy_level, block_size=32, embedding_bits=8|0; quantizer=builder takes any builder option, "
+              "e.g. algo_config=k_quant")
 @click.option("--validate/--no-validate", "validate", default=None, help="validate the bundle (default on)")
 @click.option("--validate_rows", type=int, default=None, help="eval rows per adapter for validation (default 32)")
 @click.option("--validate_max_new_tokens", type=int, default=None, help="tokens generated per validation row")
