@@ -4,7 +4,7 @@
    stays: q/k/v packed into one ``qkv_proj`` MatMul and (``fuse_mlp_gate_up``) gate/up into one
    ``gate_up_proj``. For slmops' quantizer it exports fp32 and quantization runs afterwards.
 2. :func:`add_lora_inputs` puts one LoRA pair beside every base projection the ABI covers:
-   ``y = base(x) + (x @ A) @ B`` with A ``[in, "lora_r"]`` and B ``["lora_r", out]`` as graph
+   ``y = base(x) + (x @ A) @ B`` with A ``[in, r]`` and B ``[r, out]`` (r symbolic, per pair) as graph
    INPUTS named ``model.layers.{i}.{attn|mlp}.{projection}.lora_{A|B}.MatMul.weight``, each with a
    rank-0 default (``[in, 0]`` / ``[0, 1]``, broadcast), so a request without an adapter computes
    the pure base model. A packed projection takes one pair for all its members: A is the members' A
@@ -207,18 +207,23 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
             raise ExportError(f"{node.name}: output width {n} is not the sum of {list(members)} widths {offset}")
         projections.setdefault(projection, layout)
         a_name, b_name = (lora_input_name(layer, group, projection, w) for w in "AB")
-        a_value = ir.Value(name=a_name, type=ir.TensorType(dtype), shape=ir.Shape([k, RANK_DIM]),
+        # Every pair gets its OWN symbolic dims: onnxruntime's memory planner treats equal dim
+        # names as equal sizes and reuses buffers on that basis, so a shared "lora_r" fails as
+        # soon as one adapter leaves some projections at rank 0 (measured: "Shape mismatch
+        # attempting to re-use buffer {1,8,0} != {1,8,4}" for an o_proj/down_proj-only adapter).
+        rank_dim, out_dim = f"{RANK_DIM}.{layer}.{projection}", f"{OUT_DIM}.{layer}.{projection}"
+        a_value = ir.Value(name=a_name, type=ir.TensorType(dtype), shape=ir.Shape([k, rank_dim]),
                            const_value=ir.tensor(np.zeros((k, 0), np_dtype), name=a_name))
         # B's default is [0, 1], not [0, out]: the rank-0 branch then yields a [.., 1] zero that
         # the Add broadcasts, instead of materializing [.., out] zeros for every projection and
         # token (measured: no-adapter decode 0.956x -> 0.997x the plain graph). The graph keeps
         # B's columns symbolic; bundle.json's ABI fixes them to ``out`` for adapters.
-        b_value = ir.Value(name=b_name, type=ir.TensorType(dtype), shape=ir.Shape([RANK_DIM, f"{OUT_DIM}_{n}"]),
+        b_value = ir.Value(name=b_name, type=ir.TensorType(dtype), shape=ir.Shape([rank_dim, out_dim]),
                            const_value=ir.tensor(np.zeros((0, 1), np_dtype), name=b_name))
         for value in (a_value, b_value):
             graph.inputs.append(value)
             graph.register_initializer(value)
-        inputs += [LoraInput(name=a_name, shape=[k, RANK_DIM]), LoraInput(name=b_name, shape=[RANK_DIM, n])]
+        inputs += [LoraInput(name=a_name, shape=[k, rank_dim]), LoraInput(name=b_name, shape=[rank_dim, n])]
         prefix = f"/model/layers.{layer}/{group}/{projection}"
         out = node.outputs[0]
         uses = list(out.uses())

@@ -172,7 +172,7 @@ def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system
                 last = None
                 for chunk in client.generate_stream(text_prompt, **kwargs):
                     if as_json:
-                        click.echo(json.dumps(MessageToDict(chunk, preserving_proto_field_name=True)))
+                        click.echo(json.dumps(MessageToDict(chunk, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
                     else:
                         click.echo(chunk.text, nl=False)
                         sys.stdout.flush()
@@ -185,7 +185,7 @@ def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system
             else:
                 response = client.generate(text_prompt, **kwargs)
                 if as_json:
-                    click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+                    click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
                 else:
                     click.echo(response.text)
         except grpc.RpcError as exc:
@@ -212,7 +212,7 @@ def adapters_list(as_json: bool, server: str, tls: bool, ca_cert: str | None, ti
         except grpc.RpcError as exc:
             raise _rpc_error(exc, server) from exc
     if as_json:
-        click.echo(json.dumps([MessageToDict(a, preserving_proto_field_name=True) for a in adapters], indent=2))
+        click.echo(json.dumps([MessageToDict(a, preserving_proto_field_name=True, always_print_fields_with_no_presence=True) for a in adapters], indent=2))
         return
     if not adapters:
         click.echo("no adapters loaded")

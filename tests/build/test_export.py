@@ -21,15 +21,17 @@ def test_lora_inputs_have_symbolic_rank_and_rank0_defaults(lora_export: Export) 
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
     lora = {n: s for n, s in inputs.items() if ".lora_" in n}
     assert len(lora) == 2 * 4 * 2  # 2 layers, 4 packed projections (qkv, o, gate_up, down), A and B
-    assert lora["model.layers.0.attn.qkv_proj.lora_A.MatMul.weight"] == [64, "lora_r"]
-    # B's columns are symbolic in the graph (its [0, 1] default broadcasts); the ABI fixes them
-    assert lora["model.layers.1.mlp.down_proj.lora_B.MatMul.weight"] == ["lora_r", "lora_out_64"]
+    # each pair has its own symbolic rank (a shared name would make onnxruntime reuse buffers across
+    # pairs of different ranks) and B's columns are symbolic too (its [0, 1] default broadcasts)
+    assert lora["model.layers.0.attn.qkv_proj.lora_A.MatMul.weight"] == [64, "lora_r.0.qkv_proj"]
+    assert lora["model.layers.1.mlp.down_proj.lora_B.MatMul.weight"] == ["lora_r.1.down_proj", "lora_out.1.down_proj"]
+    assert len({dim for shape in lora.values() for dim in shape if isinstance(dim, str)}) == 2 * 4 * 2
     for name, shape in lora.items():
         assert inits[name] == ([shape[0], 0] if ".lora_A." in name else [0, 1]), name
     template = lora_export.template
     assert template.modules == MODULES and template.num_layers == 2 and template.dtype == "float32"
     abi = {i.name: i.shape for i in template.inputs}
-    assert set(abi) == set(lora) and abi["model.layers.1.mlp.down_proj.lora_B.MatMul.weight"] == ["lora_r", 64]
+    assert set(abi) == set(lora) and abi["model.layers.1.mlp.down_proj.lora_B.MatMul.weight"] == ["lora_r.1.down_proj", 64]
     assert abi["model.layers.0.attn.qkv_proj.lora_B.MatMul.weight"][1] == sum(m.size for m in template.projections["qkv_proj"])
     assert list(template.projections) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert [m.module for m in template.projections["qkv_proj"]] == ["q_proj", "k_proj", "v_proj"]
