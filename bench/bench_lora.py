@@ -173,8 +173,8 @@ def bench_llama_cpp(manifest: Any, hf_dir: str, convert_dir: Path, work: Path, i
     gguf = default_gguf_path()
     out: dict[str, Any] = {"llama_cpp_python": llama_cpp.__version__, "gguf": str(gguf), "adapters": {}}
     lora_files: dict[str, Path] = {}
-    for name, info in manifest.adapters.items():
-        adapter = load_peft_adapter(name, info.source_run, None, None)
+    peft = {name: load_peft_adapter(name, info.source_run, None, None) for name, info in manifest.adapters.items()}
+    for name, adapter in peft.items():
         dest = work / f"{name}.lora.gguf"
         if not dest.is_file():
             cmd = [sys.executable, str(convert_dir / "convert_lora_to_gguf.py"), "--base", hf_dir, "--outfile", str(dest),
@@ -211,8 +211,7 @@ def bench_llama_cpp(manifest: Any, hf_dir: str, convert_dir: Path, work: Path, i
             speed[key].append(generate(llm, ids, args.new_tokens, fixed=True)[1])
     out["decode_tok_s"] = {k: round(statistics.median(v), 1) for k, v in speed.items()}
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    for name, info in manifest.adapters.items():
-        adapter = load_peft_adapter(name, info.source_run, None, None)
+    for name, adapter in peft.items():
         data = eval_set(adapter, tokenizer, Bounds(rows=rows))
         answers = []
         for prompt in data.prompts:

@@ -28,7 +28,8 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 PEFT_KEY_RE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:[\w.]*\.)?(\w+)\.lora_([AB])\.weight$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+# .onnx_adapter tensor dtypes (numpy has no bfloat16, and no CPU/CUDA target uses it)
+ADAPTER_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -206,8 +207,10 @@ def lora_scale(config: dict[str, Any], module_path: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def adapter_arrays(adapter_dir: Path, template: LoraTemplate, dtype: str, name: str = "") -> dict[str, Any]:
-    """``{graph input name: numpy array}`` of one PEFT adapter, laid out for ``template`` (ABI 2).
+def adapter_arrays(pairs: dict[tuple[int, str], dict[str, Any]], config: dict[str, Any], template: LoraTemplate,
+                   dtype: str, label: str) -> dict[str, Any]:
+    """``{graph input name: numpy array}`` of one PEFT adapter's ``pairs`` (:func:`lora_pairs`), laid
+    out for ``template`` (ABI 2); ``config`` is its adapter_config.json, ``label`` names it in errors.
 
     Every module's pair lands in its base projection's pair: for a packed projection (qkv_proj,
     gate_up_proj) A is the members' ``A.T`` concatenated along the rank and B block-diagonal
@@ -217,10 +220,6 @@ def adapter_arrays(adapter_dir: Path, template: LoraTemplate, dtype: str, name: 
     import numpy as np
     import torch
 
-    label = f"'{name}' ({adapter_dir})" if name else f"'{adapter_dir}'"
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    tensors = read_lora_tensors(adapter_dir, name=name)
-    pairs = lora_pairs(tensors, label)
     by_key: dict[tuple[int, str, str], Any] = {}
     for item in template.inputs:
         parsed = parse_lora_input(item.name)
@@ -250,9 +249,7 @@ def adapter_arrays(adapter_dir: Path, template: LoraTemplate, dtype: str, name: 
         scale = lora_scale(config, f"layers.{layer}.{module}", rank)
         grouped.setdefault((layer, projection), []).append((member, a.T.numpy(), (b * scale).T.numpy()))
     arrays: dict[str, Any] = {}
-    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
-    if np_dtype is None:
-        raise SlmopsUsageError("--precision", f"adapter dtype {dtype} is not supported; use a float32 or float16 target")
+    np_dtype = np.dtype(dtype)
     for (layer, projection), items in grouped.items():
         a_in, b_in = by_key[(layer, projection, "A")], by_key[(layer, projection, "B")]
         total_rank = sum(a.shape[1] for _, a, _ in items)
@@ -293,16 +290,17 @@ def read_onnx_adapter(path: Path) -> dict[str, Any]:
 def convert_adapter(peft_dir: str | Path, template: LoraTemplate, dtype: str, out_path: str | Path,
                     name: str = "") -> AdapterInfo:
     """Convert one PEFT LoRA adapter folder into ``out_path`` (an ``.onnx_adapter`` file)."""
-    if dtype not in TORCH_DTYPES:
-        raise SlmopsUsageError("--precision", f"adapter dtype '{dtype}' is not one of {list(TORCH_DTYPES)}")
+    if dtype not in ADAPTER_DTYPES:
+        raise SlmopsUsageError("--precision", f"adapter dtype '{dtype}' is not one of {list(ADAPTER_DTYPES)}")
     adapter_dir = resolve_adapter_dir(peft_dir, name)
     if not template.inputs:
         raise SlmopsUsageError("--adapter", "this bundle has no LoRA inputs (merged); it cannot take runtime adapters")
-    arrays = adapter_arrays(adapter_dir, template, dtype, name)
+    label = f"'{name}' ({adapter_dir})" if name else f"'{adapter_dir}'"
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    pairs = lora_pairs(read_lora_tensors(adapter_dir, name=name), label)
+    arrays = adapter_arrays(pairs, config, template, dtype, label)
     out_path = Path(out_path)
     write_onnx_adapter(arrays, out_path)
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    pairs = lora_pairs(read_lora_tensors(adapter_dir, name=name), name or str(adapter_dir))
     modules = [m for m in template.modules if m in {module for _, module in pairs}]
     ranks = [int(ab["A"].shape[0]) for ab in pairs.values()]
     run_dir = adapter_dir.parent if (adapter_dir.parent / RUN_JSON).is_file() else None

@@ -22,18 +22,10 @@ SERVE_OPTION_FIELDS = {
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    """A serve YAML: ``slmops.configfile.load_yaml`` with dashed keys (``metrics-port``) as option names."""
+    from slmops.configfile import load_yaml
 
-    file = Path(path)
-    if not file.is_file():
-        raise SlmopsUsageError("--config", f"'{path}' does not exist; pass a YAML file")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SlmopsUsageError("--config", f"'{path}' is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SlmopsUsageError("--config", f"'{path}' must hold a mapping of serve options")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in load_yaml(path, "serve options").items()}
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

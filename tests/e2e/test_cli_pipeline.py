@@ -1,6 +1,6 @@
 """The whole pipeline through the `slmops` CLI, as a user runs it: train two adapters, build an int4
 bundle (ABI 2, validated), verify it, serve it as a process, generate with each adapter and hot-load
-a third adapter over gRPC; the served text equals onnxruntime-genai driven directly."""
+a third adapter over gRPC; the served text equals onnxruntime-genai driven directly (``Reference``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.serve.conftest import Reference
 
 PROMPT = "Tone of: I lost my keys again\n"
 
@@ -35,33 +36,6 @@ def train_args(model: Path, data: dict[str, Path], out: Path, modules: list[str]
     for module in modules:
         args += ["--target_modules", module]
     return args
-
-
-def og_text(model_dir: Path, adapter_file: Path | None, prompt: str, max_new: int) -> str:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    tokenizer = og.Tokenizer(model)
-    ids = tokenizer.encode(prompt)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
-    generator = og.Generator(model, params)
-    if adapter_file is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter_file), "a")
-        generator.set_active_adapter(adapters, "a")
-    generator.append_tokens(ids)
-    stream = tokenizer.create_stream()  # as the server decodes: incremental, whole characters only
-    text, count = "", 0
-    eos = set(tokenizer.eos_token_ids)
-    while not generator.is_done() and count < max_new:
-        generator.generate_next_token()
-        token = int(generator.get_next_tokens()[0])
-        count += 1
-        if token in eos:
-            break
-        text += stream.decode(token)
-    return text
 
 
 def test_train_build_verify_serve_generate(tiny_model_dir: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
@@ -98,6 +72,11 @@ def test_train_build_verify_serve_generate(tiny_model_dir: Path, tiny_data: dict
          "--no-metrics", "--threads", "1", "--adapter-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
     common = ["--server", f"127.0.0.1:{port}"]
+    reference = Reference(bundle)  # onnxruntime-genai driven directly, decoded as a client sees it
+
+    def direct(adapter_file: Path | None) -> str:
+        return reference.generate(PROMPT, adapter_file, 8)[0]
+
     try:
         deadline = time.monotonic() + 120
         while run_cli(["adapters", "list", *common, "--token", "e2e-token"], env=env).returncode != 0:
@@ -108,16 +87,15 @@ def test_train_build_verify_serve_generate(tiny_model_dir: Path, tiny_data: dict
             proc = run_cli(["generate", PROMPT, "--adapter", name, "--max-new-tokens", "8", "--json", *common], env=env)
             assert proc.returncode == 0, proc.stderr
             served = json.loads(proc.stdout)
-            expected = og_text(bundle / "model", bundle / "adapters" / f"{name}.onnx_adapter", PROMPT, 8)
-            assert served["text"] == expected and served["adapter"] == name
+            assert served["text"] == direct(bundle / "adapters" / f"{name}.onnx_adapter") and served["adapter"] == name
         proc = run_cli(["adapters", "load", "late", str(late), *common, "--token", "e2e-token"], env=env)
         assert proc.returncode == 0, proc.stderr
         proc = run_cli(["generate", PROMPT, "--adapter", "late", "--max-new-tokens", "8", "--json", *common], env=env)
-        assert proc.returncode == 0 and json.loads(proc.stdout)["text"] == og_text(bundle / "model", late, PROMPT, 8)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["text"] == direct(late)
         listed = run_cli(["adapters", "list", *common, "--token", "e2e-token"], env=env).stdout
         assert all(name in listed for name in ("tone", "extract", "late"))
         base = json.loads(run_cli(["generate", PROMPT, "--max-new-tokens", "8", "--json", *common], env=env).stdout)
-        assert base["text"] == og_text(bundle / "model", None, PROMPT, 8)
+        assert base["text"] == direct(None)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
