@@ -57,7 +57,7 @@ def write_manifest(bundle_dir: Path, target: Target, template: LoraTemplate, bas
     manifest = BundleManifest(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         target=TargetInfo(name=target.name, execution_provider=target.execution_provider, precision=target.precision,
-                          adapter_dtype=template.dtype),
+                          adapter_dtype=template.dtype, arch=target.arch, provider=target.provider),
         base_model=base,
         files=file_checksums(bundle_dir),
         lora_template=template,

@@ -52,8 +52,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
 @click.option("--tls-key", default=None, help="PEM private key of --tls-cert")
 @click.option("--verify-bundle/--no-verify-bundle", default=None, help="re-hash bundle files at start  [default: verify]")
 @click.option("--log-level", default=None, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--force", is_flag=True, help="serve a bundle built for another CPU architecture (bundle.json target.arch)")
 @click.pass_context
-def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str | None, no_metrics: bool, **options: Any) -> None:
+def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str | None, no_metrics: bool, force: bool,
+                  **options: Any) -> None:
     """Serve BUNDLE_DIR (from `slmops build`) over gRPC: slmops.v1.Generation and Adapters, health,
     reflection, Prometheus metrics. Adapters load, replace and unload while serving."""
     from slmops_serve.config import serve_config
@@ -68,14 +70,19 @@ def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str |
         raise SlmopsUsageError("BUNDLE_DIR", "missing; pass the bundle folder (e.g. dist/bundles/cpu)")
     if no_metrics:
         values["metrics_port"] = None
+    force = force or bool(values.pop("force", False))  # a YAML may say `force: true` too
     config = serve_config(values)
 
     from slmops.bundle import BundleError, read_manifest
+    from slmops.platforms import check_bundle_arch
 
     try:
-        read_manifest(config.bundle_path)
+        manifest = read_manifest(config.bundle_path)
     except (BundleError, ValueError) as exc:
         raise SlmopsUsageError("BUNDLE_DIR", str(exc)) from exc
+    warning = check_bundle_arch(manifest, force=force)
+    if warning:
+        click.echo(warning, err=True)
     from slmops_serve.server import serve
 
     try:

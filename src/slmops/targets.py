@@ -22,6 +22,9 @@ class Target:
     adapter_dtype: str  # dtype of .onnx_adapter tensors; must match the graph's LoRA inputs
     builder_options: dict[str, Any] = field(default_factory=dict)  # --extra_options of the builder
     session_options: dict[str, Any] = field(default_factory=dict)  # genai_config.json session_options
+    # Docker platform architecture the bundle is built for (amd64, arm64): serve and deploy refuse
+    # another one (slmops.platforms). The ONNX files themselves are portable; the settings are not.
+    arch: str = "amd64"
 
     def with_precision(self, precision: str | None) -> Target:
         if precision is None or precision == self.precision:
@@ -38,12 +41,41 @@ TARGETS: dict[str, Target] = {
         builder_options={"int4_accuracy_level": 4, "int4_block_size": 32},
         session_options={"intra_op_num_threads": 2},
     ),
+    # Edge boards: Raspberry Pi 5 (Cortex-A76), Jetson Orin (Cortex-A78AE), Graviton/Ampere
+    # (Neoverse). Why these settings, from onnxruntime's MatMulNBits and MLAS sources (1.2x-1.3x):
+    # * accuracy_level 4 (int8 activations, SQNBIT_CompInt8): on arm64 MLAS quantizes each
+    #   activation block to int8 and runs the 4-bit weights through SDOT (dotprod) / USMMLA (i8mm)
+    #   kernels, and through Arm's KleidiAI micro-kernels (qai8dxp x qsi4c32p, asymmetric blocks
+    #   via a zero-point correction) where the CPU has dotprod, i8mm or SME2. Where it has none of
+    #   them (Cortex-A72, i.e. a Pi 4) MatMulNBits falls back to the fp32 kernel by itself
+    #   (GetComputeType), so level 4 is never slower than level 1. Level 2 (fp16) only applies to
+    #   fp16 graphs; ours are fp32-io on CPU.
+    # * block_size 32: KleidiAI's 4-bit kernels need block % 32 == 0 and K % block == 0 (the
+    #   folded offsets keep K a multiple of the block), and 32 is what keeps the default model
+    #   exact: its GGUF is Q4_1, i.e. 32-weight blocks, so its weights re-quantize losslessly only
+    #   on a 32 grid. Larger blocks read fewer scales but lose that; 16 misses KleidiAI.
+    # * head_accuracy_level 4: the int8 lm_head's 8-bit blocks have a dotprod/i8mm CompInt8 kernel
+    #   on arm64 too (SQ8BitGemm); with level 1 they would be dequantized to fp32 per call.
+    # * 4 intra-op threads: the big cores of a Pi 5 / Jetson Orin Nano (4 / 6); `slmops serve
+    #   --threads` overrides it per device.
+    # Validation on an x86 build host runs x86 kernels; the arm64 answers are checked under
+    # emulation (scripts/ci_arm64.sh).
+    "cpu-arm64": Target(
+        name="cpu-arm64", execution_provider="cpu", provider="CPUExecutionProvider", precision="int4",
+        adapter_dtype="float32",
+        builder_options={"int4_accuracy_level": 4, "int4_block_size": 32, "head_accuracy_level": 4},
+        session_options={"intra_op_num_threads": 4},
+        arch="arm64",
+    ),
     "cuda": Target(
         name="cuda", execution_provider="cuda", provider="CUDAExecutionProvider", precision="fp16",
         adapter_dtype="float16",
     ),
 }
-PROVIDER_TO_TARGET = {t.provider: name for name, t in TARGETS.items()}
+# olive's --provider picks the first target of that provider (cpu, not cpu-arm64).
+PROVIDER_TO_TARGET: dict[str, str] = {}
+for _name, _target in TARGETS.items():
+    PROVIDER_TO_TARGET.setdefault(_target.provider, _name)
 DEVICE_TO_TARGET = {"cpu": "cpu", "gpu": "cuda"}
 
 
