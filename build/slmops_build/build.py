@@ -45,10 +45,11 @@ class BuildConfig(BaseModel):
     overwrite: bool = False
     extra_options: dict[str, str] = Field(default_factory=dict, description="model builder options KEY=VALUE")
     validate_bundle: bool = Field(True, description="run validation (parity vs PyTorch, perplexity)")
-    validate_rows: int = Field(32, ge=1, description="eval rows per adapter used by validation")
+    validate_rows: int | None = Field(None, ge=1, description="eval rows per adapter used by validation (default: every eval row)")
     validate_max_new_tokens: int | None = Field(None, ge=1)
     max_accuracy_drop: float = Field(3.0, ge=0, description="fail if bundle accuracy/ROUGE-L drops more points than this vs PyTorch")
     max_ppl_increase: float = Field(10.0, ge=0, description="fail if base perplexity rises more percent than this vs fp32")
+    allow_unverified: bool = Field(False, description="write the bundle even when some validation checks could not run here")
 
     @field_validator("adapters", mode="before")
     @classmethod
@@ -203,7 +204,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     from slmops_build.bundle_writer import base_model_info, write_manifest
     from slmops_build.export import check_lora_modules, covered_modules, export_base_model
     from slmops_build.quantize import check_precision
-    from slmops_build.validate import Bounds, BuildValidationError, validate_bundle
+    from slmops_build.validate import Bounds, BuildValidationError, can_run, validate_bundle
 
     console = console or Console(stderr=True)
     started = time.time()
@@ -220,8 +221,15 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     }
     key = build_key(config, target, modules, base.sha256, model_dir, {n: a.adapter_dir for n, a in adapters.items()})
     if is_up_to_date(out, key):
+        validation = read_manifest(out).validation
+        if validation.get("status") == "unverified" and config.validate_bundle and not config.allow_unverified:
+            raise BuildValidationError(list(validation.get("unverified", [])), validation, status="unverified")
         console.print(f"[green]up to date[/] {out} (build key {key[:12]}); nothing to do")
         return out
+    if config.validate_bundle and not config.allow_unverified:
+        runnable, why = can_run(target)
+        if not runnable:  # fail before the export: nothing could check this bundle here
+            raise BuildValidationError([why], {"status": "unverified", "unverified": [why]}, status="unverified")
 
     timings: dict[str, float] = {}
     export_report: dict[str, Any] = {}
@@ -260,10 +268,14 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
                                 max_ppl_increase=config.max_ppl_increase, max_new_tokens=config.validate_max_new_tokens)
                 validation = validate_bundle(tmp, model_dir, template, target, onnx_adapters, bounds,
                                              merged=adapters[config.merge] if config.merge else None)
-                if not validation["passed"]:
+                if validation["status"] == "failed":
                     raise BuildValidationError(validation["failures"], validation)
+                if validation["status"] == "unverified" and not config.allow_unverified:
+                    raise BuildValidationError(validation["unverified"], validation, status="unverified")
             else:
-                validation = {"skipped": "--no-validate"}
+                # Not checked, by request: the bundle says so, and --no-validate is the permission.
+                validation = {"skipped": "--no-validate", "status": "unverified", "unverified": ["validation not run (--no-validate)"],
+                              "passed": False}
             timings["validate_s"] = round(time.time() - t0, 2)
             for name, info in infos.items():
                 entry = validation.get("adapters", {}).get(name, {})

@@ -51,13 +51,19 @@ def print_summary(bundle_dir: Path, console: Any) -> None:
                           _fmt(m.get("bundle")), _fmt(m.get("pytorch")), _fmt(m.get("drop_points")), _fmt(m.get("token_agreement")))
         console.print(table)
     if "skipped" in validation:
-        console.print(f"validation: skipped ({validation['skipped']})")
+        console.print(f"validation: [yellow]unverified[/] (skipped: {validation['skipped']})")
     elif validation:
         ppl = validation.get("perplexity") or {}
         ppl_text = ", ".join(f"{k} {v}" for k, v in ppl.items() if k not in ("texts", "tokens")) if ppl else "-"
-        status = "[green]passed[/]" if validation.get("passed") else "[red]failed[/]"
-        extra = f" ({validation['reason']})" if validation.get("reason") else ""
+        state = validation.get("status") or ("passed" if validation.get("passed") else "failed")
+        status = {"passed": "[green]passed[/]", "unverified": "[yellow]unverified[/]"}.get(state, f"[red]{state}[/]")
+        extra = f" ({'; '.join(validation['unverified'])})" if validation.get("unverified") else ""
         console.print(f"validation {status}{extra}: perplexity {ppl_text}; {validation.get('seconds', '-')} s")
+        for name, entry in validation.get("adapters", {}).items():
+            if "noise_margin_points" in entry:
+                floor = entry.get("min_detectable_drop_points")
+                console.print(f"  {name}: {entry['rows']} rows, drop {entry['drop_points']} points, noise margin "
+                              f"{entry['noise_margin_points']} points" + (f"; this gate resolves drops >= {floor} points" if floor else ""))
 
 
 def summary_console(stderr: bool = False) -> Any:
@@ -92,7 +98,9 @@ def _fmt(value: Any) -> str:
               "head_accuracy_level, block_size=32, embedding_bits=8|0; quantizer=builder takes any builder option, "
               "e.g. algo_config=k_quant")
 @click.option("--validate/--no-validate", "validate", default=None, help="validate the bundle (default on)")
-@click.option("--validate_rows", type=int, default=None, help="eval rows per adapter for validation (default 32)")
+@click.option("--validate_rows", type=int, default=None, help="eval rows per adapter for validation (default: all; the summary prints the noise margin)")
+@click.option("--allow-unverified", "--allow_unverified", "allow_unverified", is_flag=True, default=None,
+              help="write the bundle even when checks cannot run here (e.g. a cuda bundle on a CPU machine); it is marked unverified")
 @click.option("--validate_max_new_tokens", type=int, default=None, help="tokens generated per validation row")
 @click.option("--max_accuracy_drop", type=float, default=None, help="fail above this accuracy/ROUGE-L drop in points (default 3)")
 @click.option("--max_ppl_increase", type=float, default=None, help="fail above this perplexity increase in percent (default 10)")
@@ -121,6 +129,12 @@ def build_command(config_path: Path | None, **options: Any) -> None:
     try:
         out = build_bundle(config, console=err)
     except BuildValidationError as exc:
+        if exc.status == "unverified":
+            err.print("[yellow]bundle unverified[/]: these checks could not run here, so nothing was written "
+                      "(pass --allow-unverified to write it marked unverified):")
+            for reason in exc.failures:
+                err.print(f"  - {reason}")
+            sys.exit(1)
         err.print("[red]bundle validation failed[/]; nothing was written:")
         for failure in exc.failures:
             err.print(f"  - {failure}")

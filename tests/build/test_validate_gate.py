@@ -1,0 +1,123 @@
+"""Build validation on real bundles: a deliberately mis-converted adapter fails the accuracy gate,
+the correct conversion of the same adapter passes, and checks that cannot run make the bundle
+``unverified`` (exit 1 unless ``--allow-unverified``) instead of ``passed``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slmops.bundle import read_manifest
+from tests.conftest import write_jsonl
+
+TEMPLATE = "Tone of: {phrase}\n{tone}"
+
+
+@pytest.fixture(scope="module")
+def joy_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny adapter that has learned one thing for sure: every answer is "joy".
+
+    The random tiny model cannot learn the real five labels in a test's budget; a constant answer it
+    learns fully, so the PyTorch side scores 10/10 and a broken conversion has something to lose.
+    """
+    from slmops_train.config import build_config
+    from slmops_train.recipe import train
+
+    root = tmp_path_factory.mktemp("joy")
+    rows = [json.loads(line) for line in (Path(__file__).parents[2] / "examples/tone/train.jsonl").read_text().splitlines()]
+    train_file = write_jsonl(root / "train.jsonl", [{"phrase": r["phrase"], "tone": "joy"} for r in rows[:40]])
+    eval_file = write_jsonl(root / "eval.jsonl", [{"phrase": r["phrase"], "tone": "joy"} for r in rows[40:50]])
+    result = train(build_config({
+        "model_name_or_path": str(tiny_model_dir), "data_files": [f"train={train_file}", f"eval={eval_file}"],
+        "eval_split": "eval", "text_template": TEMPLATE, "task_type": "classification", "max_steps": 30,
+        "per_device_train_batch_size": 8, "learning_rate": 2e-2, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.0,
+        "target_modules": ["all-linear"], "eval_generate_limit": 10, "eval_max_new_tokens": 4,
+        "progress": False, "report_to": [], "output_path": str(root / "run"),
+    }))
+    assert result.metrics["eval_accuracy"] == 1.0, result.metrics  # the premise of the tests below
+    return result.run_dir
+
+
+def _build(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from slmops.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return int(code or 0), capsys.readouterr().err
+
+
+def _args(model: Path, run: Path, out: Path, *extra: str) -> list[str]:
+    return ["build", "-m", str(model), "--precision", "fp32", "--adapter", f"joy={run}", "-o", str(out), *extra]
+
+
+def test_misconverted_adapter_fails_the_accuracy_gate(tiny_model_dir: Path, joy_run: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The converter writes B with the wrong sign (a real conversion bug class: a lost scale/transpose);
+    the real validator must catch it from the task rows alone."""
+    import slmops_build.adapters as adapters
+
+    real_convert = adapters.convert_adapter
+
+    def sign_flipped(*args: Any, **kwargs: Any) -> Any:
+        info = real_convert(*args, **kwargs)
+        out_path = Path(args[3])
+        arrays = adapters.read_onnx_adapter(out_path)
+        adapters.write_onnx_adapter({k: -v if ".lora_B." in k else v for k, v in arrays.items()}, out_path)
+        return info
+
+    monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")
+    monkeypatch.setattr(adapters, "convert_adapter", sign_flipped)
+    out = tmp_path / "dist" / "cpu"
+    code, err = _build(_args(tiny_model_dir, joy_run, out), capsys)
+    assert code == 1, err
+    assert "bundle validation failed" in err and "adapter joy: accuracy" in err and "nothing was written" in err
+    assert "1.000 in PyTorch" in err and "beyond the" in err
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no partial bundle left behind
+
+
+def test_correct_conversion_of_the_same_adapter_passes(tiny_model_dir: Path, joy_run: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")
+    out = tmp_path / "cpu"
+    code, err = _build(_args(tiny_model_dir, joy_run, out), capsys)
+    assert code == 0, err
+    validation = read_manifest(out).validation
+    entry = validation["adapters"]["joy"]
+    assert validation["status"] == "passed" and validation["passed"] and validation["unverified"] == []
+    assert validation["rows"] == "all" and entry["rows"] == 10  # every eval row by default
+    assert entry["pytorch"] == 1.0 and entry["bundle"] == 1.0 and entry["drop_points"] == 0
+    assert entry["min_detectable_drop_points"] == 40.0  # 4 same-direction flips of 10 rows
+
+
+def _run_with_missing_data(joy_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "moved"
+    shutil.copytree(joy_run, run)
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["data_files"] = [f"train={tmp_path / 'gone.jsonl'}", f"eval={tmp_path / 'gone-eval.jsonl'}"]
+    (run / "run.json").write_text(json.dumps(record))
+    return run
+
+
+def test_unloadable_eval_data_is_unverified_not_passed(tiny_model_dir: Path, joy_run: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")
+    run = _run_with_missing_data(joy_run, tmp_path)
+    out = tmp_path / "cpu"
+    code, err = _build(_args(tiny_model_dir, run, out), capsys)
+    assert code == 1 and "bundle unverified" in err and "eval data of the run cannot be loaded" in err
+    assert "--allow-unverified" in err and not out.exists()
+
+    code, err = _build(_args(tiny_model_dir, run, out, "--allow-unverified"), capsys)
+    assert code == 0, err
+    validation = read_manifest(out).validation
+    assert validation["status"] == "unverified" and not validation["passed"]
+    assert any("adapter joy: accuracy parity not checked" in r for r in validation["unverified"])
+    # a rebuild with nothing changed is up to date, and still refused without the flag
+    code, err = _build(_args(tiny_model_dir, run, out), capsys)
+    assert code == 1 and "bundle unverified" in err
