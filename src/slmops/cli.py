@@ -4,17 +4,25 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
 import click
 
 from slmops import __version__
+from slmops.clickutil import OptionStyle, adopt
 from slmops.errors import SlmopsUsageError
 
 # name -> (import path "module:attr", one-line help shown by --help without importing it)
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("slmops_train.cli:train_command", "Fine-tune LoRA/QLoRA adapters (olive finetune options)."),
+    "finetune": ("slmops_train.cli:train_command", "olive finetune: `slmops train` with olive's options; writes <out>/adapter and <out>/model."),
+    "auto-opt": ("slmops_build.olive:auto_opt_command", "olive auto-opt: `slmops build` from --model_name_or_path and --adapter_path."),
+    "generate-adapter": ("slmops_build.olive:generate_adapter_command",
+                         "olive generate-adapter: one multi-adapter ONNX bundle from --adapter_paths a,b."),
+    "run": ("slmops.olive_run:run_command", "olive run --config: train and build stages from an olive workflow config."),
+    "targets": ("slmops.targets_cli:targets_command", "List the build targets and their settings."),
     "model": ("slmops.model_cli:model_group", "Prepare and inspect base models."),
     "build": ("slmops_build.cli:build_command", "Build a multi-adapter ONNX bundle for a hardware target."),
     "bundle": ("slmops_build.bundle_cli:bundle_group", "Inspect and verify bundles."),
@@ -26,7 +34,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(OptionStyle, click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(LAZY_COMMANDS)
 
@@ -43,16 +51,17 @@ class LazyGroup(click.Group):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            extra = {"train": "train", "build": "build", "serve": "serve", "deploy": "deploy"}.get(cmd_name, "all")
+            extra = {"train": "train", "finetune": "train", "build": "build", "auto-opt": "build", "generate-adapter": "build",
+                 "run": "build", "serve": "serve", "deploy": "deploy"}.get(cmd_name, "all")
             raise click.ClickException(
                 f"`slmops {cmd_name}` needs the '{extra}' extra ({exc.name} is missing): "
                 f"pip install 'slmops[{extra}]' or run `make install`"
             ) from exc
         command: click.Command = getattr(module, attr)
-        return command
+        return adopt(command)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="slmops")
 def cli() -> None:
     """Fine-tune small LMs with LoRA, build multi-adapter ONNX bundles, serve them over gRPC."""
@@ -75,6 +84,26 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, not a traceback
+        if os.environ.get("SLMOPS_DEBUG", "") not in ("", "0"):
+            raise
+        where = _where(exc)
+        click.echo(f"Error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+                   f"{where} (an slmops bug or an environment problem; SLMOPS_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
+
+
+def _where(exc: BaseException) -> str:
+    """`` at module.py:123`` of the innermost frame, so a one-line report still points somewhere."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
 
 
 if __name__ == "__main__":

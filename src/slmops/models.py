@@ -23,6 +23,8 @@ from slmops.errors import SlmopsUsageError
 from slmops.fsutil import atomic_output_dir, sha256_files
 
 PREPARED_MARKER = "slmops_model.json"
+# `<run>/model/` where a symlink to the base model was not possible: {"base_model": "/abs/folder"}
+MODEL_REF = "slmops_model_ref.json"
 
 
 def default_gguf_path() -> Path:
@@ -97,6 +99,8 @@ def resolve_model_path(name_or_path: str | None, option: str = "--model_name_or_
         return str(prepare_default_model())
     assert name_or_path is not None
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / MODEL_REF).is_file() and not (path / "config.json").is_file():
+        path = Path(json.loads((path / MODEL_REF).read_text())["base_model"])
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SlmopsUsageError(option, f"'{path}' has no config.json; pass a Hugging Face model folder")

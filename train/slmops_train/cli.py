@@ -12,6 +12,7 @@ import click
 
 from slmops.errors import SlmopsUsageError
 from slmops_train.config import TrainConfig, build_config, configs_from_yaml
+from slmops_train.olive import REFUSED, apply_olive_options, explain_unknown, olive_finetune_options
 
 SHORT_ALIASES = {"model_name_or_path": "-m", "data_name": "-d", "output_path": "-o"}
 
@@ -35,11 +36,24 @@ def config_options(func: Any) -> Any:
         ctype, is_flag, multiple = _click_type(field.annotation)
         decls = [f"--{name}"] + ([SHORT_ALIASES[name]] if name in SHORT_ALIASES else [])
         help_text = field.description or ""
+        shown = _default_text(field)
         if is_flag:
-            func = click.option(f"--{name}/--no-{name}", default=None, help=help_text)(func)
+            func = click.option(f"--{name}/--no-{name}", default=None, help=help_text, show_default=shown)(func)
         else:
-            func = click.option(*decls, type=ctype, multiple=multiple, default=None, help=help_text)(func)
+            func = click.option(*decls, type=ctype, multiple=multiple, default=None, help=help_text, show_default=shown)(func)
     return func
+
+
+def _default_text(field: Any) -> str | bool:
+    """The TrainConfig default as --help shows it (the options themselves default to None = unset)."""
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def _explicit(options: dict[str, Any]) -> dict[str, Any]:
@@ -53,8 +67,12 @@ def _explicit(options: dict[str, Any]) -> dict[str, Any]:
               help="Hyperparameter search YAML (optuna): trains N trials and keeps the best adapter.")
 @click.option("--only", "only", multiple=True, help="With -c: train only these adapters of the config (repeatable).")
 @config_options
+@olive_finetune_options
 def train_command(config_path: Path | None, search_path: Path | None, only: tuple[str, ...], **options: Any) -> None:
-    """Fine-tune LoRA/QLoRA adapters; writes runs/<name>/{adapter/, run.json, loss_curve.png}.
+    """Fine-tune LoRA/QLoRA adapters; writes <out>/{adapter/, model -> base, run.json, loss_curve.png}
+    (<out> = --output_path, default runs/<name>). `slmops finetune` is the same command.
+
+    Booleans take olive's forms too: --gradient_checkpointing, --gradient_checkpointing true/false.
 
     Example: slmops train --data_files examples/tone/train.jsonl --text_template "{phrase} -> {tone}" --max_steps 60
     """
@@ -63,6 +81,8 @@ def train_command(config_path: Path | None, search_path: Path | None, only: tupl
     from slmops_train.recipe import train
 
     console = Console(stderr=True)
+    options = apply_olive_options(options)
+    as_json, dry_run, save_config = (bool(options.pop(k, None)) for k in ("as_json", "dry_run", "save_config_file"))
     overrides = _explicit(options)
     if search_path is not None:
         from slmops_train.search import run_search
@@ -76,13 +96,39 @@ def train_command(config_path: Path | None, search_path: Path | None, only: tupl
         if unknown:
             raise SlmopsUsageError("--only", f"{unknown} not in {config_path}; choose from {names}")
         configs = [c for c in configs if c.run_name() in only]
+    if dry_run:
+        for cfg in configs:
+            click.echo(f"# {cfg.run_name()}: would write {cfg.run_dir()}\n{_config_yaml(cfg)}")
+        return
+    summaries = []
     for cfg in configs:
         result = train(cfg)
         if int(os.environ.get("RANK", "0")) != 0:
             continue
+        if save_config:
+            (result.run_dir / "config.yaml").write_text(_config_yaml(cfg))
+        summaries.append({"name": cfg.run_name(), "run_dir": str(result.run_dir), "adapter": str(result.adapter_dir),
+                          "model": str(result.run_dir / "model"), "metrics": result.metrics,
+                          "performance": result.record["performance"]})
         shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
         perf = result.record["performance"]
         console.print(
             f"[green]done[/] {cfg.run_name()}: {result.adapter_dir}  {perf['s_per_step']} s/step, "
             f"{perf['tokens_per_s']} tok/s  {shown}"
         )
+    if as_json and summaries:
+        import json
+
+        click.echo(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2, default=str))
+
+
+def _config_yaml(cfg: TrainConfig) -> str:
+    """The options that differ from the defaults, as a `slmops train -c` file."""
+    import yaml
+
+    return str(yaml.safe_dump(cfg.model_dump(exclude_defaults=True), sort_keys=False))
+
+
+# olive finetune's options that slmops refuses, each with its reason (slmops.clickutil lists them at once)
+train_command.refused = REFUSED  # type: ignore[attr-defined]
+train_command.explain_unknown = explain_unknown  # type: ignore[attr-defined]

@@ -16,6 +16,12 @@ from slmops.configfile import load_yaml
 from slmops.errors import SlmopsUsageError, usage_error_from_validation
 
 # `train`, `train[:4096]`, `train[4096:4224]`, `train[:90%]`, `validation`
+# `--data_name json --data_files x.json` (olive's form) names the files' format, not a dataset
+DATA_BUILDERS: dict[str, tuple[str, ...]] = {"json": (".json", ".jsonl"), "csv": (".csv",), "parquet": (".parquet", ".pq")}
+
+
+def _builder_for(suffix: str) -> str:
+    return next((name for name, suffixes in DATA_BUILDERS.items() if suffix in suffixes), "json")
 SPLIT_PATTERN = re.compile(r"^[A-Za-z_][\w.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
@@ -32,6 +38,7 @@ class TrainConfig(BaseModel):
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="module names or 'all-linear'; default: PEFT's per-model default")
+    modules_to_save: list[str] | None = Field(None, description="refused: a bundle's adapters carry LoRA A/B pairs only")
     use_rslora: bool = False
     trust_remote_code: bool = False
     # data
@@ -40,6 +47,8 @@ class TrainConfig(BaseModel):
     train_split: str = "train"
     eval_split: str | None = Field("auto", description="'auto': 'validation'/'test' split or a 10% hold-out; 'none' disables")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    test_split: str | None = Field(None, description="rows scored once after training and checkpoint selection, never used "
+                                   "for either (e.g. 'test' with --data_files test=FILE); run.json reports them apart")
     text_field: str | None = None
     text_template: str | None = None
     use_chat_template: bool = False
@@ -61,6 +70,10 @@ class TrainConfig(BaseModel):
     per_device_eval_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
+    optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_torch, adafactor, sgd")
+    fp16: bool = Field(False, description="fp16 mixed precision (CUDA only)")
+    bf16: bool = Field(False, description="bf16 mixed precision")
+    dataloader_num_workers: int = Field(0, ge=0, description="data loader worker processes")
     loss_fn: str | None = Field(None, description="import path 'pkg.module:Callable' of a custom loss")
     seed: int = 42
     # logging, evaluation, checkpoints
@@ -68,7 +81,9 @@ class TrainConfig(BaseModel):
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: once at the end")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps; default: eval_steps")
     save_total_limit: int = Field(2, ge=1)
-    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"],
+                                 description="'tensorboard' or 'none' (slmops logs to TensorBoard only)")
+    logging_dir: str | None = Field(None, description="TensorBoard log folder; default <output_path>/tensorboard")
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_threshold: float = Field(0.0, ge=0)
     metric_for_best_model: str = Field("eval_loss", description="eval_loss, eval_accuracy, eval_macro_f1, eval_rouge_l, eval_bleu")
@@ -81,7 +96,7 @@ class TrainConfig(BaseModel):
     resume: bool = False
     progress: bool = True
 
-    @field_validator("train_split", "eval_split")
+    @field_validator("train_split", "eval_split", "test_split")
     @classmethod
     def _check_split(cls, value: str | None, info: Any) -> str | None:
         if value is None or value in ("auto", "none"):
@@ -97,8 +112,40 @@ class TrainConfig(BaseModel):
     @classmethod
     def _split_report_to(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [v for v in value.split(",") if v and v != "none"]
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            names = [str(p).strip() for v in value for p in str(v).split(",") if str(p).strip()]
+            names = ["tensorboard" if n == "all" else n for n in names if n != "none"]
+            other = [n for n in names if n != "tensorboard"]
+            if other:
+                raise ValueError(f"--report_to: {other} not supported: slmops logs to TensorBoard only "
+                                 "(<output_path>/tensorboard, or --logging_dir); use --report_to tensorboard or none")
+            return sorted(set(names))
         return value
+
+    @field_validator("modules_to_save", mode="before")
+    @classmethod
+    def _refuse_modules_to_save(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(f"--modules_to_save: {value} refused: a bundle's .onnx_adapter files carry only LoRA A/B "
+                             "pairs, so fully trained copies of these modules could not be served; leave it out "
+                             "(raise --lora_r, or add the modules to --target_modules if they are linear)")
+        return None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builder_data_name(cls, values: Any) -> Any:
+        # olive's `--data_name json --data_files FILE`: the name is the datasets builder of the files
+        if isinstance(values, dict) and values.get("data_files") and values.get("data_name") in DATA_BUILDERS:
+            builder = values["data_name"]
+            files = values["data_files"] if isinstance(values["data_files"], (list, tuple)) else [values["data_files"]]
+            for item in (p.strip() for v in files for p in str(v).split(",") if p.strip()):
+                suffix = Path(item.rpartition("=")[2]).suffix.lower()
+                if DATA_BUILDERS[builder] and suffix not in DATA_BUILDERS[builder]:
+                    raise ValueError(f"--data_name: '{builder}' does not match the file '{item}'; "
+                                     f"use --data_name {_builder_for(suffix)} or leave --data_name out")
+            values = {k: v for k, v in values.items() if k != "data_name"}
+        return values
 
     @field_validator("target_modules", "data_files", mode="before")
     @classmethod

@@ -96,7 +96,7 @@ def run_search(search_path: Path, overrides: dict[str, Any], config_path: Path |
     best = study.best_trial.number
     final = work / "final"
     final.mkdir(parents=True)
-    shutil.copytree(work / f"trial_{best}", final, dirs_exist_ok=True)
+    shutil.copytree(work / f"trial_{best}", final, dirs_exist_ok=True, symlinks=True)  # <out>/model stays a link
     shutil.move(str(final / RUN_JSON), final / "best_trial_run.json")
     summary = {"metric": metric, "direction": "maximize" if maximize else "minimize", "sampler": sampler_name,
                "n_trials": n_trials, "best_trial": best, "best_value": study.best_value,
