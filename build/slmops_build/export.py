@@ -4,13 +4,18 @@
    stays: q/k/v packed into one ``qkv_proj`` MatMul and (``fuse_mlp_gate_up``) gate/up into one
    ``gate_up_proj``. For slmops' quantizer it exports fp32 and quantization runs afterwards.
 2. :func:`add_lora_inputs` puts one LoRA pair beside every base projection the ABI covers:
-   ``y = base(x) + (x @ A) @ B`` with A ``[in, r]`` and B ``[r, out]`` (r symbolic, per pair) as graph
+   ``y = base(x) + ((x @ A) * M) @ B`` with A ``[in, r]`` and B ``[r, out]`` (r symbolic, per pair) as graph
    INPUTS named ``model.layers.{i}.{attn|mlp}.{projection}.lora_{A|B}.MatMul.weight``, each with a
    rank-0 default (``[in, 0]`` / ``[0, 1]``, broadcast), so a request without an adapter computes
    the pure base model. A packed projection takes one pair for all its members: A is the members' A
    concatenated along the rank, B block-diagonal (adapters are converted to that layout). One
    pair per packed projection instead of one per module: 4 LoRA branches a layer instead of 7,
    and the base MatMuls stay fused (measured in bench/bench_lora.py).
+   ABI 3 adds one row mask per projection kind, ``lora_row_mask.{projection}`` ``[rows, 1, r]``
+   (default ``[1, 1, 1]`` ones, so onnxruntime-genai, which never feeds it, still applies an
+   adapter to every row): the server concatenates the A/B of every adapter in a batch along the
+   rank and masks, per row, the rank columns that are not that row's adapter. Rows with different
+   adapters then share one step, and each distinct adapter's weights are read once per step.
 3. ``session_options`` of genai_config.json come from the target profile (thread counts).
 """
 
@@ -46,6 +51,7 @@ PACKED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 PROJECTION_ORDER = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj")
 RANK_DIM = "lora_r"
 OUT_DIM = "lora_out"
+ROW_MASK_PREFIX = "lora_row_mask."
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
@@ -62,6 +68,11 @@ class ExportError(RuntimeError):
 
 def lora_input_name(layer: int, group: str, projection: str, which: str) -> str:
     return f"model.layers.{layer}.{group}.{projection}.lora_{which}.MatMul.weight"
+
+
+def row_mask_name(projection: str) -> str:
+    """``qkv_proj`` -> ``lora_row_mask.qkv_proj`` (one mask input per projection kind, all layers)."""
+    return f"{ROW_MASK_PREFIX}{projection}"
 
 
 def parse_lora_input(name: str) -> tuple[int, str, str] | None:
@@ -185,6 +196,7 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
     inputs: list[LoraInput] = []
     projections: dict[str, list[PackedMember]] = {}
     layers: set[int] = set()
+    row_masks: dict[str, Any] = {}
     for node in list(graph):
         match = BASE_NODE_RE.match(node.name or "")
         if match is None or node.op_type not in ("MatMul", "MatMulNBits"):
@@ -224,17 +236,29 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
             graph.inputs.append(value)
             graph.register_initializer(value)
         inputs += [LoraInput(name=a_name, shape=[k, rank_dim]), LoraInput(name=b_name, shape=[rank_dim, n])]
+        mask = row_masks.get(projection)
+        if mask is None:
+            # Its own dim names (not batch_size / a pair's rank): equal names mean equal sizes to
+            # onnxruntime's planner, and the mask is [1, 1, 1] when onnxruntime-genai runs the graph.
+            mask_name = row_mask_name(projection)
+            mask = ir.Value(name=mask_name, type=ir.TensorType(dtype),
+                            shape=ir.Shape([f"lora_mask_rows.{projection}", 1, f"lora_mask_r.{projection}"]),
+                            const_value=ir.tensor(np.ones((1, 1, 1), np_dtype), name=mask_name))
+            graph.inputs.append(mask)
+            graph.register_initializer(mask)
+            row_masks[projection] = mask
         prefix = f"/model/layers.{layer}/{group}/{projection}"
         out = node.outputs[0]
         uses = list(out.uses())
         via_a = ir.Node("", "MatMul", [x, a_value], name=f"{prefix}/lora_A/MatMul", num_outputs=1)
-        via_b = ir.Node("", "MatMul", [via_a.outputs[0], b_value], name=f"{prefix}/lora_B/MatMul", num_outputs=1)
+        masked = ir.Node("", "Mul", [via_a.outputs[0], mask], name=f"{prefix}/lora_mask/Mul", num_outputs=1)
+        via_b = ir.Node("", "MatMul", [masked.outputs[0], b_value], name=f"{prefix}/lora_B/MatMul", num_outputs=1)
         add = ir.Node("", "Add", [out, via_b.outputs[0]], name=f"{prefix}/lora/Add", num_outputs=1)
-        for new in (via_a, via_b, add):
+        for new in (via_a, masked, via_b, add):
             new.outputs[0].name = f"{new.name}/output_0"
             new.outputs[0].dtype = dtype
         add.outputs[0].shape = out.shape
-        graph.insert_after(node, [via_a, via_b, add])
+        graph.insert_after(node, [via_a, masked, via_b, add])
         for use in uses:
             use.node.replace_input_with(use.idx, add.outputs[0])
         if out.is_graph_output():
@@ -252,6 +276,7 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
         dtype=float_types.get(dtype, "float32"),
         inputs=sorted(inputs, key=lambda i: _input_order(i.name)),
         projections={p: projections[p] for p in sorted(projections, key=_projection_order)},
+        row_masks={p: row_mask_name(p) for p in sorted(row_masks, key=_projection_order)},
     )
 
 
@@ -281,7 +306,11 @@ def read_template(model_dir: Path) -> LoraTemplate:
     model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
     type_names = {1: "float32", 10: "float16", 16: "bfloat16"}
     inputs, layers, modules, dtypes = [], set(), set(), set()
+    row_masks: dict[str, str] = {}
     for graph_input in model.graph.input:
+        if graph_input.name.startswith(ROW_MASK_PREFIX):
+            row_masks[graph_input.name[len(ROW_MASK_PREFIX):]] = graph_input.name
+            continue
         parsed = parse_lora_input(graph_input.name)
         if parsed is None:
             continue
@@ -294,6 +323,7 @@ def read_template(model_dir: Path) -> LoraTemplate:
     return LoraTemplate(
         modules=sorted(modules, key=_projection_order), num_layers=num_layers,
         dtype=dtypes.pop() if len(dtypes) == 1 else "", inputs=sorted(inputs, key=lambda i: _input_order(i.name)),
+        row_masks={p: row_masks[p] for p in sorted(row_masks, key=_projection_order)},
     )
 
 

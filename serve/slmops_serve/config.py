@@ -22,8 +22,12 @@ class ServeConfig(BaseModel):
     host: str = Field("0.0.0.0", description="address the gRPC server binds")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
     metrics_port: int | None = Field(9090, ge=0, le=65535, description="Prometheus /metrics port (None = off, 0 = any free port)")
-    workers: int = Field(1, ge=1, le=64, description="generations that run at once (one og.Generator each)")
-    max_queue: int = Field(16, ge=0, le=10_000, description="requests that may wait for a worker; beyond it RESOURCE_EXHAUSTED")
+    max_batch: int = Field(8, ge=1, le=256, description="requests decoded together in one step (continuous batching)")
+    max_queue: int = Field(16, ge=0, le=10_000, description="requests that may wait for a batch row; beyond it RESOURCE_EXHAUSTED")
+    prefill_chunk: int = Field(256, ge=16, le=65_536, description="prompt tokens per prefill call: a longer prompt is "
+                               "prefilled in chunks between decode steps, so running streams wait at most one chunk")
+    max_context: int | None = Field(None, ge=16, description="cache positions per request (prompt + output); "
+                                    "default: the model's context length, at most 4096")
     threads: int | None = Field(None, ge=1, le=256, description="onnxruntime intra-op threads; default: the bundle's genai_config.json")
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens of a request that leaves it 0")
@@ -65,7 +69,7 @@ class ServeConfig(BaseModel):
     @property
     def capacity(self) -> int:
         """Requests admitted at once: running plus waiting."""
-        return self.workers + self.max_queue
+        return self.max_batch + self.max_queue
 
 
 def serve_config(values: dict[str, Any]) -> ServeConfig:

@@ -1,16 +1,23 @@
-"""The generation engine: one og.Model shared by a pool of workers, one og.Generator per request.
+"""The generation engine: continuous batching, with a different adapter per row.
 
-A request is admitted only while fewer than ``workers + max_queue`` are admitted (else
-RESOURCE_EXHAUSTED); its adapter is acquired at admission (so a hot swap after that does not
-change the weights it runs on) and released when its generator is gone. Workers check the
-request's cancel flag before every token step, so a cancelled stream or an expired deadline
-stops generation within one step and frees the worker. onnxruntime-genai releases the GIL while
-it computes, so plain threads run generations in parallel.
+Three parts, each readable alone:
+
+- the scheduler (this module, :class:`Engine`): admission (a bounded queue; RESOURCE_EXHAUSTED
+  beyond it), who joins the next step, cancellation and deadlines, metrics. One thread runs the
+  loop: prefill what waits (short prompts together, a long one a chunk at a time), then one
+  decode step for every running row, and again;
+- the batch state (:class:`Row`): a request's cache row, adapter, sampler, stop strings and text;
+- the model runner (:mod:`slmops_serve.runner`): one step of the graph over the KV cache.
+
+A request's adapter is acquired at admission and released when its row leaves, so a hot swap
+never changes the weights of a request already admitted. A cancelled request or an expired
+deadline leaves the batch before the next step. Clients use one interface (gRPC and HTTP alike):
+``submit(request) -> Generation``, iterate its chunks, ``cancel()``.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import logging
 import os
 import queue
@@ -18,10 +25,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from slmops.bundle import BundleError, BundleManifest, read_manifest, verify_files
 from slmops_serve.config import ServeConfig
@@ -35,6 +43,8 @@ from slmops_serve.errors import (
 )
 from slmops_serve.metrics import BASE_LABEL, ServeMetrics
 from slmops_serve.registry import AdapterRegistry, LoadedAdapter
+from slmops_serve.runner import GraphInfo, ModelRunner
+from slmops_serve.text import Sampler, TemplateError, TextCodec, TokenStream
 
 log = logging.getLogger("slmops.serve")
 
@@ -42,8 +52,6 @@ FINISH_EOS = "eos"
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_CANCELLED = "cancelled"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-GENAI_CONFIG = "genai_config.json"
 
 
 @dataclass
@@ -102,7 +110,7 @@ _DONE = object()
 class Generation:
     """A submitted request: iterate it for chunks (it blocks), ``cancel()`` it from any thread."""
 
-    def __init__(self, request: GenerationRequest, prompt_ids: Any, max_new_tokens: int,
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], max_new_tokens: int,
                  adapter: LoadedAdapter | None) -> None:
         self.request = request
         self.request_id = request.request_id
@@ -113,6 +121,7 @@ class Generation:
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self._events: queue.Queue[Any] = queue.Queue()
+        self._on_cancel: Callable[[], None] | None = None
 
     @property
     def adapter_name(self) -> str:
@@ -124,6 +133,8 @@ class Generation:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def _put(self, item: Any) -> None:
         self._events.put(item)
@@ -165,35 +176,112 @@ class Generation:
                       request_id=self.request_id)
 
 
-def read_genai_config(model_dir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((model_dir / GENAI_CONFIG).read_text())
-    return data
-
-
 def session_threads(model_dir: Path, override: int | None) -> int | None:
-    """The intra-op thread count the session will use (None = onnxruntime-genai's default: one)."""
+    """The intra-op thread count the session will use (None = onnxruntime's default)."""
     if override is not None:
         return override
-    options = read_genai_config(model_dir).get("model", {}).get("decoder", {}).get("session_options", {})
-    value = options.get("intra_op_num_threads")
+    value = GraphInfo.read(model_dir).session_options.get("intra_op_num_threads")
     return int(value) if value is not None else None
 
 
-def load_model(model_dir: Path, threads: int | None) -> Any:
-    """og.Model of ``model_dir``; ``threads`` overrides genai_config.json's intra_op_num_threads in memory."""
-    import onnxruntime_genai as og
+class AdapterStore:
+    """Loaded adapter tensors by internal name (the registry's backend: ``load(path, name)``,
+    ``unload(name)``). The engine's LoRA bank concatenates them per step."""
 
-    config = og.Config(str(model_dir))
-    if threads is not None:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
-    return og.Model(config)
+    def __init__(self, on_unload: Callable[[str], None] | None = None) -> None:
+        self._tensors: dict[str, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._on_unload = on_unload
+
+    def load(self, path: str, name: str) -> None:
+        import onnxruntime as ort
+
+        fmt = ort.AdapterFormat.read_adapter(path)
+        # copy: numpy() views memory that the AdapterFormat frees with itself
+        tensors = {key: np.array(value.numpy(), copy=True) for key, value in fmt.get_parameters().items()}
+        del fmt
+        with self._lock:
+            if name in self._tensors:
+                raise RuntimeError(f"adapter '{name}' is already loaded")
+            self._tensors[name] = tensors
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if self._tensors.pop(name, None) is None:
+                raise RuntimeError(f"adapter '{name}' is not loaded")
+        if self._on_unload is not None:
+            self._on_unload(name)
+
+    def tensors(self, name: str) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._tensors[name]
+
+
+class Row:
+    """One request in the batch: its cache row (its index in the engine's row list), where its
+    prefill is, its sampler, its text and stop-string state."""
+
+    def __init__(self, gen: Generation, lora: tuple[str, dict[str, np.ndarray]] | None, stream: TokenStream,
+                 eos_ids: set[int]) -> None:
+        request = gen.request
+        self.gen = gen
+        self.lora = lora
+        self.ids = np.asarray(gen.prompt_ids, np.int64)
+        self.prefilled = 0  # prompt tokens in the cache
+        self.length = 0  # cache positions of this row
+        self.next_token = -1  # sampled, emitted, not yet fed to the graph
+        self.produced = 0
+        self.sampler = Sampler(request.temperature, request.top_p, request.top_k,
+                               None if request.seed is None else int(request.seed))
+        self.stream = stream
+        self.eos_ids = eos_ids
+        self.stops = [s for s in request.stop if s]
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1  # text that may still become a stop string
+        self.text = ""
+        self.emitted = 0
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finish: str | None = None
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled == len(self.ids)
+
+    def take(self, logits: np.ndarray) -> None:
+        """Sample the next token from ``logits`` and advance the text; sets ``finish`` when done."""
+        if self.produced < self.gen.request.min_new_tokens:
+            logits = logits.copy()
+            logits[list(self.eos_ids)] = -np.inf
+        token = self.sampler(logits)
+        self.produced += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token in self.eos_ids:
+            self.finish = FINISH_EOS
+            return
+        before = len(self.text)
+        self.text += self.stream.decode(token)
+        if self.stops:
+            hits = [i for s in self.stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.finish = FINISH_STOP
+                return
+        self.next_token = token
+        safe = len(self.text) - self.holdback
+        if safe > self.emitted:
+            self.gen._put(Chunk(text=self.text[self.emitted:safe], adapter=self.gen.adapter_name,
+                                adapter_sha256=self.gen.adapter_sha256))
+            self.emitted = safe
+        if self.produced >= self.gen.max_new_tokens:
+            self.finish = FINISH_LENGTH
 
 
 class Engine:
-    """Loads a bundle and runs generations.
+    """Loads a bundle and runs generations in continuous batches.
 
     Args:
-        config (ServeConfig): the server options (bundle dir, workers, queue, limits, threads ...).
+        config (ServeConfig): the server options (bundle dir, max batch, queue, limits, threads ...).
         metrics (ServeMetrics | None): where to report; a private one when None.
     """
 
@@ -202,31 +290,31 @@ class Engine:
         self.metrics = metrics or ServeMetrics()
         self.bundle_dir = config.bundle_path
         self.manifest: BundleManifest | None = None
-        self.model: Any = None
-        self.tokenizer: Any = None
+        self.runner: ModelRunner | None = None
+        self.tokenizer: TextCodec | None = None
         self.registry: AdapterRegistry | None = None
+        self.store: AdapterStore | None = None
         self.threads: int | None = None
         self.context_length = 0
-        self.vocab_size = 0
         self.eos_ids: set[int] = set()
-        self.chat_template: str | None = None
         self.load_seconds = 0.0
         self._lock = threading.Condition()
         self._tokenizer_lock = threading.Lock()
         self._admitted = 0
-        self._running = 0
         self._accepting = False
         self._draining = False  # set once by drain/close: a load that finishes later must not reopen
+        self._stopping = False
+        self._waiting: collections.deque[Generation] = collections.deque()
+        self._rows: list[Row] = []  # cache order: decoding rows first, then rows still in prefill
         self._live: set[Generation] = set()
-        # Called by the worker before every token step (tests use it to hold a request in flight).
+        # Called in the scheduler before every decode step, once per row about to step (tests hold
+        # requests in flight with it; a blocking hook holds the whole batch).
         self.token_hook: Callable[[Generation, int], None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="slmops-gen")
+        self._thread: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
         """Read and check the bundle, load the model and the bundle's adapters, warm up; then accept requests."""
-        import onnxruntime_genai as og
-
         started = time.perf_counter()
         manifest = read_manifest(self.bundle_dir)
         if self.config.verify_bundle:
@@ -236,25 +324,24 @@ class Engine:
                                   "rebuild or re-copy the bundle (or pass --no-verify-bundle)")
         self.manifest = manifest
         model_dir = self.bundle_dir / manifest.model_dir
-        genai = read_genai_config(model_dir)
-        self.context_length = int(genai["model"].get("context_length") or genai.get("search", {}).get("max_length", 2048))
-        self.vocab_size = int(genai["model"].get("vocab_size", 0))
-        self.threads = session_threads(model_dir, self.config.threads)
-        self.model = load_model(model_dir, self.config.threads)
-        self.tokenizer = og.Tokenizer(self.model)
-        self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
-        template_file = model_dir / CHAT_TEMPLATE_FILE
-        self.chat_template = template_file.read_text() if template_file.is_file() else None
-        adapter_dir = self.config.adapter_path
-        self.registry = AdapterRegistry(og.Adapters(self.model), manifest.lora_template, adapter_dir,
+        self.runner = ModelRunner(model_dir, manifest.lora_template, rows=self.config.max_batch,
+                                  threads=self.config.threads, max_length=self.config.max_context)
+        self.threads = self.runner.threads
+        self.context_length = self.runner.max_length
+        self.tokenizer = TextCodec(model_dir)
+        self.eos_ids = set(self.runner.info.eos_ids)
+        bank = self.runner.bank
+        self.store = AdapterStore(on_unload=bank.forget if bank is not None else None)
+        self.registry = AdapterRegistry(self.store, manifest.lora_template, self.config.adapter_path,
                                         self.config.max_upload_bytes, on_change=self._adapters_changed)
         for name, info in sorted(manifest.adapters.items()):
             self.registry.load(name, path=self.bundle_dir / info.file, sha256=info.sha256, source="bundle", trusted_path=True)
         cores = os.cpu_count() or 1
-        if self.threads and self.config.workers * self.threads > cores:
-            log.warning("workers x threads exceeds the CPU cores: concurrent generations will slow each other down",
-                        extra={"fields": {"event": "oversubscribed", "workers": self.config.workers,
-                                          "threads": self.threads, "cores": cores}})
+        if self.threads and self.threads > cores:
+            log.warning("threads exceed the CPU cores: steps will be slower, not faster",
+                        extra={"fields": {"event": "oversubscribed", "threads": self.threads, "cores": cores}})
+        self._thread = threading.Thread(target=self._loop, name="slmops-scheduler", daemon=True)
+        self._thread.start()
         self.warmup()
         self.load_seconds = time.perf_counter() - started
         with self._lock:
@@ -264,17 +351,24 @@ class Engine:
         self.metrics.ready.set(1)
         log.info("model ready", extra={"fields": {
             "event": "ready", "bundle": str(self.bundle_dir), "target": manifest.target.name,
-            "precision": manifest.target.precision, "threads": self.threads if self.threads else "1 (onnxruntime-genai default)",
-            "workers": self.config.workers, "max_queue": self.config.max_queue,
-            "adapters": self.registry.names(), "load_s": round(self.load_seconds, 2)}})
+            "precision": manifest.target.precision, "threads": self.threads or "onnxruntime default",
+            "max_batch": self.config.max_batch, "max_queue": self.config.max_queue,
+            "max_context": self.context_length, "adapters": self.registry.names(),
+            "load_s": round(self.load_seconds, 2)}})
 
     def warmup(self) -> None:
-        """One short greedy generation, so the first real request does not pay session start-up costs."""
+        """Short greedy generations (alone, then a batch of two), so the first requests do not pay
+        onnxruntime's first-run costs."""
         if self.config.warmup_tokens <= 0:
             return
-        gen = self._admit(GenerationRequest(prompt="Hello", max_new_tokens=self.config.warmup_tokens,
-                                            request_id="warmup"), force=True)
-        gen.result()
+        gens = [self._admit(GenerationRequest(prompt="Hello", max_new_tokens=self.config.warmup_tokens,
+                                              request_id="warmup"), force=True)]
+        gens[0].result()
+        if self.config.max_batch > 1:
+            gens = [self._admit(GenerationRequest(prompt=p, max_new_tokens=self.config.warmup_tokens, request_id="warmup"),
+                                force=True) for p in ("Hello", "Hi there")]
+            for gen in gens:
+                gen.result()
 
     @property
     def ready(self) -> bool:
@@ -304,8 +398,11 @@ class Engine:
         self.stop_accepting()
         with self._lock:
             for gen in self._live:
-                gen.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=False)
+                gen.cancelled.set()
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         if self.registry is not None:
             self.registry.close()
 
@@ -316,20 +413,20 @@ class Engine:
 
     @property
     def running(self) -> int:
+        """Requests in the batch (decoding or in prefill)."""
         with self._lock:
-            return self._running
+            return len(self._rows)
 
     # ---- requests -----------------------------------------------------------------------------
     def render_prompt(self, request: GenerationRequest) -> str:
         if request.messages is None:
             return request.prompt or ""
+        assert self.tokenizer is not None
         try:
-            rendered: str = self.tokenizer.apply_chat_template(json.dumps(request.messages), template_str=self.chat_template,
-                                                               add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001 - og raises RuntimeError when there is no template or it fails
+            return self.tokenizer.render_chat(request.messages)
+        except TemplateError as exc:
             raise ServeError(FAILED_PRECONDITION, "messages", f"the bundle's chat template cannot render them ({exc}); "
                              "send a plain prompt instead") from exc
-        return rendered
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Admit ``request`` or raise ServeError (UNAVAILABLE not ready, RESOURCE_EXHAUSTED full,
@@ -342,6 +439,7 @@ class Engine:
     def _admit(self, request: GenerationRequest, force: bool) -> Generation:
         if not force and not self.ready:
             raise ServeError(UNAVAILABLE, "", "the server is not ready (loading the model or shutting down); retry later")
+        assert self.tokenizer is not None
         if not request.request_id:
             request.request_id = uuid.uuid4().hex[:16]
         max_new = request.max_new_tokens or self.config.default_max_new_tokens
@@ -352,25 +450,27 @@ class Engine:
             raise ServeError(INVALID_ARGUMENT, "prompt", "encodes to zero tokens; send some text")
         if len(ids) >= self.context_length:
             field_name = "messages" if request.messages is not None else "prompt"
-            raise ServeError(INVALID_ARGUMENT, field_name, f"is {len(ids)} tokens; the model's context length is "
+            raise ServeError(INVALID_ARGUMENT, field_name, f"is {len(ids)} tokens; the server's context length is "
                              f"{self.context_length}, leaving no room to generate")
         with self._lock:
             if not self._accepting and not force:
                 raise ServeError(UNAVAILABLE, "", "the server is not ready (loading the model or shutting down); retry later")
             if self._admitted >= self.config.capacity and not force:
-                raise ServeError(RESOURCE_EXHAUSTED, "", f"the request queue is full ({self.config.workers} generating, "
+                raise ServeError(RESOURCE_EXHAUSTED, "", f"the request queue is full ({self.config.max_batch} in the batch, "
                                  f"{self.config.max_queue} waiting); retry later")
             self._admitted += 1
-            self._update_queue_gauge()
         adapter = None
         try:
             if request.adapter:
                 assert self.registry is not None
                 adapter = self.registry.acquire(request.adapter)
             gen = Generation(request, ids, max_new, adapter)
+            gen._on_cancel = self._wake
             with self._lock:
                 self._live.add(gen)
-            self._executor.submit(self._run, gen)
+                self._waiting.append(gen)
+                self._update_queue_gauge()
+                self._lock.notify_all()
         except BaseException:
             if adapter is not None and self.registry is not None:
                 self.registry.release(adapter)
@@ -383,128 +483,203 @@ class Engine:
             self.metrics.adapter_requests.labels(request.adapter or BASE_LABEL).inc()
         return gen
 
-    def _update_queue_gauge(self) -> None:
-        self.metrics.queue_depth.set(self._admitted - self._running)
-
-    def _search_options(self, gen: Generation) -> dict[str, Any]:
-        request = gen.request
-        options: dict[str, Any] = {"max_length": min(self.context_length, len(gen.prompt_ids) + gen.max_new_tokens)}
-        if request.min_new_tokens > 0:
-            options["min_length"] = min(options["max_length"], len(gen.prompt_ids) + request.min_new_tokens)
-        if request.temperature > 0:
-            options.update(do_sample=True, temperature=float(request.temperature), top_p=float(request.top_p),
-                           top_k=int(request.top_k) if request.top_k > 0 else max(self.vocab_size, 1))
-            if request.seed is not None:
-                # og takes a signed 32-bit seed; fold larger ones so every uint64 seed is reproducible.
-                options["random_seed"] = int(request.seed) % (2**31 - 1)
-        else:
-            options["do_sample"] = False
-        return options
-
-    def _run(self, gen: Generation) -> None:
-        """Worker: generate ``gen`` token by token, pushing chunks; always frees its slot and adapter."""
-        import onnxruntime_genai as og
-
+    def _wake(self) -> None:
         with self._lock:
-            self._running += 1
-            self._update_queue_gauge()
-        self.metrics.active.inc()
-        started = time.perf_counter()
-        generator = None
-        try:
-            if gen.cancelled.is_set():
-                gen._put(self._final(gen, "", FINISH_CANCELLED, 0, started, None, None))
-                return
-            params = og.GeneratorParams(self.model)
-            params.set_search_options(**self._search_options(gen))
-            generator = og.Generator(self.model, params)
-            if gen.adapter is not None:
-                assert self.registry is not None
-                with self.registry.og_lock:
-                    generator.set_active_adapter(self.registry.og_adapters, gen.adapter.internal)
-            generator.append_tokens(gen.prompt_ids)
-            self._decode_loop(gen, generator, started)
-        except ServeError as exc:
-            gen._put(exc)
-        except Exception as exc:  # noqa: BLE001 - report any og failure to the caller as INTERNAL
-            log.exception("generation failed", extra={"fields": {"event": "generation_error", "request_id": gen.request_id}})
-            gen._put(ServeError(INTERNAL, "", f"generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            # The generator holds the adapter inside og: drop it before the registry may unload that adapter.
-            if generator is not None:
-                if self.registry is not None:
-                    with self.registry.og_lock:
-                        del generator
-                else:
-                    del generator
-            if gen.adapter is not None and self.registry is not None:
-                self.registry.release(gen.adapter)
-            self.metrics.active.dec()
+            self._lock.notify_all()
+
+    def _update_queue_gauge(self) -> None:
+        self.metrics.queue_depth.set(len(self._waiting))
+
+    # ---- the scheduler ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
             with self._lock:
-                self._running -= 1
-                self._admitted -= 1
-                self._live.discard(gen)
+                self._lock.wait_for(lambda: self._stopping or self._waiting or self._rows)
+                if self._stopping and not self._rows and not self._waiting:
+                    return
+            try:
+                self._drop_cancelled()
+                self._join_waiting()
+                if self._rows and not self._rows[-1].prefill_done:
+                    self._prefill()
+                if self._rows and self._rows[0].prefill_done:
+                    self._decode()
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, the server goes on
+                log.exception("step failed", extra={"fields": {"event": "step_error"}})
+                for index in reversed(range(len(self._rows))):
+                    self._rows[index].gen._put(ServeError(INTERNAL, "", f"generation failed: {type(exc).__name__}: {exc}"))
+                    self._remove(index, None)
+
+    def _join_waiting(self) -> None:
+        """Move waiting requests into free rows (first come, first served)."""
+        assert self.runner is not None and self.tokenizer is not None and self.store is not None
+        while len(self._rows) < self.config.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                gen = self._waiting.popleft()
                 self._update_queue_gauge()
-                self._lock.notify_all()
-            gen.finished.set()
-            gen._put(_DONE)
-
-    def _decode_loop(self, gen: Generation, generator: Any, started: float) -> None:
-        stream = self.tokenizer.create_stream()
-        stops = [s for s in gen.request.stop if s]
-        holdback = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
-        text, emitted, produced = "", 0, 0
-        first_token_at: float | None = None
-        reason = FINISH_LENGTH
-        while produced < gen.max_new_tokens:
-            if self.token_hook is not None:
-                self.token_hook(gen, produced)
             if gen.cancelled.is_set():
-                reason = FINISH_CANCELLED
-                break
-            if generator.is_done():
-                break  # the context length was reached
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            produced += 1
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            if token in self.eos_ids and produced > gen.request.min_new_tokens:
-                reason = FINISH_EOS
-                break
-            before = len(text)
-            text += stream.decode(token)
-            if stops:
-                hits = [i for s in stops if (i := text.find(s, max(0, before - len(s) + 1))) >= 0]
-                if hits:
-                    text = text[:min(hits)]
-                    reason = FINISH_STOP
-                    break
-            safe = len(text) - holdback
-            if safe > emitted:
-                gen._put(Chunk(text=text[emitted:safe], adapter=gen.adapter_name, adapter_sha256=gen.adapter_sha256))
-                emitted = safe
-        gen._put(self._final(gen, text[emitted:], reason, produced, started, first_token_at, time.perf_counter()))
+                self._finish_unstarted(gen)
+                continue
+            lora = (gen.adapter.internal, self.store.tensors(gen.adapter.internal)) if gen.adapter is not None else None
+            row = Row(gen, lora, self.tokenizer.stream(), self.eos_ids)
+            self.metrics.queue_seconds.observe(row.started - gen.arrived)
+            with self._lock:
+                self._rows.append(row)
+            self.metrics.active.inc()
 
-    def _final(self, gen: Generation, text: str, reason: str, produced: int, started: float,
-               first_token_at: float | None, ended: float | None) -> Chunk:
+    def _prefill(self) -> None:
+        """Prefill the rows that wait for it: prompts that fit one chunk together in one call
+        (right-padded; their first token comes from each row's last prompt position), else one
+        chunk of the first long prompt, so running rows wait at most one chunk."""
+        assert self.runner is not None
+        start = next(i for i, r in enumerate(self._rows) if not r.prefill_done)
+        pending = self._rows[start:]
+        chunk = self.config.prefill_chunk
+        first = pending[0]
+        if first.prefilled > 0 or len(first.ids) > chunk:
+            ids = first.ids[first.prefilled:first.prefilled + chunk]
+            feeds = self._lora_feeds([first])
+            logits = self.runner.prefill(start, ids, first.prefilled, feeds)
+            first.prefilled += len(ids)
+            first.length = first.prefilled
+            if first.prefill_done:
+                self._first_token(start, logits)
+            return
+        group = [first]
+        for row in pending[1:]:
+            longest = max(len(r.ids) for r in (*group, row))
+            if row.prefilled > 0 or longest * (len(group) + 1) > max(chunk, longest):
+                break
+            group.append(row)
+        width = max(len(r.ids) for r in group)
+        ids = np.zeros((len(group), width), np.int64)
+        for i, row in enumerate(group):
+            ids[i, :len(row.ids)] = row.ids
+        lengths = np.array([len(r.ids) for r in group], np.int64)
+        logits = self.runner.prefill_rows(start, ids, lengths, self._lora_feeds(group))
+        for i, row in enumerate(group):
+            row.prefilled = row.length = len(row.ids)
+        for i in reversed(range(len(group))):
+            self._first_token(start + i, logits[i])
+
+    def _first_token(self, index: int, logits: np.ndarray) -> None:
+        row = self._rows[index]
+        row.take(logits)
+        if row.finish is None and row.length >= self.context_length:
+            row.finish = FINISH_LENGTH
+        if row.finish is not None:
+            self._remove(index, row.finish)
+
+    def _decode(self) -> None:
+        """One token for every row whose prefill is done."""
+        assert self.runner is not None
+        count = next((i for i, r in enumerate(self._rows) if not r.prefill_done), len(self._rows))
+        rows = self._rows[:count]
+        if self.token_hook is not None:
+            for row in rows:
+                self.token_hook(row.gen, row.produced)
+            self._drop_cancelled()
+            count = next((i for i, r in enumerate(self._rows) if not r.prefill_done), len(self._rows))
+            rows = self._rows[:count]
+            if not rows:
+                return
+        tokens = np.array([r.next_token for r in rows], np.int64)
+        lengths = np.array([r.length for r in rows], np.int64)
+        logits = self.runner.decode(tokens, lengths, self._lora_feeds(rows))
+        self.metrics.batch_size.observe(len(rows))
+        for row, row_logits in zip(rows, logits, strict=True):
+            row.length += 1
+            row.take(row_logits)
+            if row.finish is None and row.length >= self.context_length:
+                row.finish = FINISH_LENGTH
+        for index in reversed(range(count)):
+            row = self._rows[index]
+            if row.finish is not None:
+                self._remove(index, row.finish)
+
+    def _lora_feeds(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        assert self.runner is not None
+        if self.runner.bank is None or all(r.lora is None for r in rows):
+            return {}
+        return self.runner.bank.feeds([r.lora for r in rows])
+
+    def _drop_cancelled(self) -> None:
+        for index in reversed(range(len(self._rows))):
+            if self._rows[index].gen.cancelled.is_set():
+                self._remove(index, FINISH_CANCELLED)
+        with self._lock:
+            cancelled = [g for g in self._waiting if g.cancelled.is_set()]
+            for gen in cancelled:
+                self._waiting.remove(gen)
+            self._update_queue_gauge()
+        for gen in cancelled:
+            self._finish_unstarted(gen)
+
+    def _remove(self, index: int, reason: str | None) -> None:
+        """Take row ``index`` out of the batch and keep the cache dense: the last decoding row
+        moves into its place, and a row in prefill behind it moves down by one."""
+        assert self.runner is not None
+        row = self._rows[index]
+        if reason is not None:
+            row.gen._put(self._final(row, reason))
+        with self._lock:
+            del self._rows[index]
+            rows = self._rows
+            decoding = next((i for i, r in enumerate(rows) if not r.prefill_done), len(rows))
+            # rows [index, ...) moved down by one in the list; restore dense cache order with few copies
+            if index < decoding:
+                last = decoding - 1
+                if last >= index:
+                    moved = rows.pop(last)
+                    rows.insert(index, moved)
+                    self.runner.cache.move_row(last + 1, index, moved.length)
+            for position in range(max(index, decoding), len(rows)):
+                self.runner.cache.move_row(position + 1, position, rows[position].length)
+        self._release(row.gen)
+
+    def _finish_unstarted(self, gen: Generation) -> None:
         now = time.perf_counter()
-        queue_ms = (started - gen.arrived) * 1000
-        ttft_ms = ((first_token_at or now) - gen.arrived) * 1000
-        total_ms = ((ended or now) - gen.arrived) * 1000
-        decode_s = (ended - first_token_at) if (ended and first_token_at) else 0.0
-        decode_tps = (produced - 1) / decode_s if decode_s > 0 and produced > 1 else 0.0
+        gen._put(Chunk(text="", adapter=gen.adapter_name, adapter_sha256=gen.adapter_sha256,
+                       finish_reason=FINISH_CANCELLED, prompt_tokens=len(gen.prompt_ids),
+                       queue_ms=(now - gen.arrived) * 1000, ttft_ms=(now - gen.arrived) * 1000,
+                       total_ms=(now - gen.arrived) * 1000))
+        self._release(gen, started=False)
+
+    def _release(self, gen: Generation, started: bool = True) -> None:
+        if gen.adapter is not None and self.registry is not None:
+            self.registry.release(gen.adapter)
+        if started:
+            self.metrics.active.dec()
+        with self._lock:
+            self._admitted -= 1
+            self._live.discard(gen)
+            self._update_queue_gauge()
+            self._lock.notify_all()
+        gen.finished.set()
+        gen._put(_DONE)
+
+    def _final(self, row: Row, reason: str) -> Chunk:
+        gen = row.gen
+        now = time.perf_counter()
+        first = row.first_token_at
+        queue_ms = (row.started - gen.arrived) * 1000
+        ttft_ms = ((first or now) - gen.arrived) * 1000
+        total_ms = (now - gen.arrived) * 1000
+        decode_s = (now - first) if first else 0.0
+        decode_tps = (row.produced - 1) / decode_s if decode_s > 0 and row.produced > 1 else 0.0
         if gen.request_id != "warmup" and reason != FINISH_CANCELLED:
             label = gen.adapter_name or BASE_LABEL
-            self.metrics.generated_tokens.labels(label).inc(produced)
-            if first_token_at is not None:
+            self.metrics.generated_tokens.labels(label).inc(row.produced)
+            if first is not None:
                 self.metrics.ttft.observe(ttft_ms / 1000)
             self.metrics.request_seconds.observe(total_ms / 1000)
             if decode_tps > 0:
                 self.metrics.tokens_per_second.observe(decode_tps)
-        return Chunk(text=text, adapter=gen.adapter_name, adapter_sha256=gen.adapter_sha256, finish_reason=reason,
-                     prompt_tokens=len(gen.prompt_ids), completion_tokens=produced, queue_ms=queue_ms, ttft_ms=ttft_ms,
-                     total_ms=total_ms, decode_tps=decode_tps)
+        return Chunk(text=row.text[row.emitted:], adapter=gen.adapter_name, adapter_sha256=gen.adapter_sha256,
+                     finish_reason=reason, prompt_tokens=len(gen.prompt_ids), completion_tokens=row.produced,
+                     queue_ms=queue_ms, ttft_ms=ttft_ms, total_ms=total_ms, decode_tps=decode_tps)
 
     # ---- adapters -----------------------------------------------------------------------------
     def _adapters_changed(self) -> None:

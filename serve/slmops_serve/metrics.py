@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 BASE_LABEL = "base"  # adapter label of requests without adapter
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 150, 200, 300, 500, 1000, 2500)
 
 
@@ -26,8 +27,11 @@ class ServeMetrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.tokens_per_second = Histogram("slmops_decode_tokens_per_second", "Decode speed of one request",
                                            buckets=RATE_BUCKETS, registry=r)
-        self.queue_depth = Gauge("slmops_queue_depth", "Admitted requests waiting for a worker", registry=r)
-        self.active = Gauge("slmops_active_generations", "Generations running now", registry=r)
+        self.queue_depth = Gauge("slmops_queue_depth", "Admitted requests waiting for a batch row", registry=r)
+        self.active = Gauge("slmops_active_generations", "Generations in the batch now (decoding or in prefill)", registry=r)
+        self.queue_seconds = Histogram("slmops_queue_wait_seconds", "Request arrival to joining the batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("slmops_batch_size", "Rows in each decode step", buckets=BATCH_BUCKETS, registry=r)
         self.adapters_loaded = Gauge("slmops_adapters_loaded", "Adapters loaded (public names)", registry=r)
         self.adapter_info = Gauge("slmops_adapter_loaded", "1 for each loaded adapter name and sha256",
                                   ["adapter", "sha256"], registry=r)

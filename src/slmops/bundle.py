@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmops.fsutil import sha256_file
 
@@ -22,8 +22,14 @@ SCHEMA_VERSION = 1
 #   1: one LoRA pair per PEFT module (q/k/v/o/gate/up/down), unpacked base projections.
 #   2: one LoRA pair per *packed* base projection (qkv_proj, o_proj, gate_up_proj, down_proj):
 #      A is the members' A concatenated along the rank, B block-diagonal (see ``projections``).
-ABI_VERSION = 2
-ABI_CHANGES = {1: "adapter ABI 1 had one LoRA input pair per q/k/v/gate/up module; ABI 2 packs them per fused projection"}
+#   3: ABI 2's adapter files unchanged, plus one graph input ``lora_row_mask.{projection}``
+#      [rows, 1, r] per projection kind, so one step can serve rows with different adapters.
+ABI_VERSION = 3
+ABI_CHANGES = {
+    1: "adapter ABI 1 had one LoRA input pair per q/k/v/gate/up module; ABI 2 packs them per fused projection",
+    2: "adapter ABI 2 graphs have no per-row LoRA masks, so the batching server cannot mix adapters in one step "
+       "(ABI 2 .onnx_adapter files are still valid: rebuild only the bundle)",
+}
 
 
 class BundleError(Exception):
@@ -35,6 +41,10 @@ class TargetInfo(BaseModel):
     execution_provider: str
     precision: str
     adapter_dtype: str
+    # Docker platform architecture (amd64, arm64) the bundle's settings are for; serve and deploy
+    # refuse another (slmops.platforms). None: written before slmops recorded it (the target's).
+    arch: str | None = None
+    provider: str | None = None  # onnxruntime provider name, e.g. CPUExecutionProvider
 
 
 class BaseModelInfo(BaseModel):
@@ -71,6 +81,8 @@ class LoraTemplate(BaseModel):
     dtype: str
     inputs: list[LoraInput]
     projections: dict[str, list[PackedMember]] = Field(default_factory=dict)
+    # projection kind -> its row-mask graph input (ABI 3); empty for a bundle without LoRA inputs
+    row_masks: dict[str, str] = Field(default_factory=dict)
 
     def projection_of(self, module: str) -> tuple[str, PackedMember] | None:
         """``"v_proj"`` -> ``("qkv_proj", PackedMember(v_proj, 768, 192))``."""
@@ -122,7 +134,13 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
     path = Path(bundle_dir) / BUNDLE_JSON
     if not path.is_file():
         raise BundleError(f"{bundle_dir} has no {BUNDLE_JSON}; build one with `slmops build`")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not readable JSON ({exc}); rebuild the bundle with `slmops build`") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} holds a JSON {type(data).__name__}, not a bundle manifest (an object); "
+                          "rebuild the bundle with `slmops build`")
     major = data.get("schema_version")
     if major != SCHEMA_VERSION:
         raise BundleError(f"{path}: schema_version {major} is not supported (this slmops reads {SCHEMA_VERSION}); rebuild the bundle")
@@ -131,7 +149,13 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
         why = f" ({ABI_CHANGES[abi]})" if abi in ABI_CHANGES else ""
         raise BundleError(f"{path}: adapter ABI version {abi} is not supported (this slmops uses {ABI_VERSION}){why}; "
                           "rebuild the bundle and its adapters with `slmops build`")
-    return BundleManifest(**data)
+    try:
+        return BundleManifest(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise BundleError(f"{path}: {where}: {err['msg']} ({exc.error_count()} problem(s)); rebuild the bundle "
+                          "with `slmops build`") from exc
 
 
 def verify_files(bundle_dir: str | Path, manifest: BundleManifest) -> list[str]:

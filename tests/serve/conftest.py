@@ -66,7 +66,7 @@ def make_config(bundle: Path, **overrides: Any) -> Any:
     from slmops_serve.config import ServeConfig
 
     values: dict[str, Any] = dict(
-        bundle_dir=str(bundle), host="127.0.0.1", port=0, metrics_port=0, threads=1, workers=2, max_queue=8,
+        bundle_dir=str(bundle), host="127.0.0.1", port=0, metrics_port=0, threads=1, max_batch=2, max_queue=8,
         admin_token=ADMIN_TOKEN, max_upload_bytes=MAX_UPLOAD, default_max_new_tokens=16, max_new_tokens_limit=512,
         unload_drain_timeout_s=10.0, grace_period_s=10.0,
     )
@@ -90,7 +90,7 @@ def running_server(bundle: Path, **overrides: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def server(tiny_bundle: Path, adapter_files: dict[str, Path]) -> Iterator[Any]:
-    """The shared server: 2 workers, queue 8, admin token, --adapter-dir = adapter_files' folder."""
+    """The shared server: batches of 2, queue 8, admin token, --adapter-dir = adapter_files' folder."""
     with running_server(tiny_bundle, adapter_dir=str(adapter_files["tone"].parent)) as srv:
         yield srv
 

@@ -68,7 +68,7 @@ def test_adapters_list_load_unload(server: Any, adapter_files: dict[str, Path], 
 @pytest.mark.parametrize("args,option", [
     (["serve"], "BUNDLE_DIR"),
     (["serve", "/no/such/bundle"], "BUNDLE_DIR"),
-    (["serve", "{bundle}", "--workers", "0"], "--workers"),
+    (["serve", "{bundle}", "--max-batch", "0"], "--max-batch"),
     (["serve", "{bundle}", "--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"], "--tls-cert"),
     (["serve", "{bundle}", "--tls-cert", "{bundle}/bundle.json"], "--tls-cert"),
     (["serve", "{bundle}", "--default-max-new-tokens", "99", "--max-new-tokens-limit", "10"], "--default-max-new-tokens"),
@@ -102,6 +102,6 @@ def test_a_bundle_of_the_old_adapter_abi_is_refused_by_name(tiny_bundle: Path, t
 
 def test_serve_reads_a_yaml_config(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "serve.yaml"
-    config.write_text(f"bundle_dir: {tiny_bundle}\nworkers: 0\n")
+    config.write_text(f"bundle_dir: {tiny_bundle}\nmax_batch: 0\n")
     code, _, err = run(["serve", "-c", str(config)], capsys)
-    assert code == 2 and err.startswith("Error: --workers: "), err
+    assert code == 2 and err.startswith("Error: --max-batch: "), err

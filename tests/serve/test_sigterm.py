@@ -35,7 +35,7 @@ def test_sigterm_drains_in_flight_work_and_exits_0(tiny_bundle: Path) -> None:
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "slmops.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--workers", "1", "--max-queue", "15", "--threads", "1",
+         "--metrics-port", str(metrics_port), "--max-batch", "1", "--max-queue", "15", "--threads", "1",
          "--grace-period", "60", "--max-new-tokens-limit", "512"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "SLMOPS_ADMIN_TOKEN": ""})
     try:

@@ -1,0 +1,351 @@
+"""The model runner: one onnxruntime session over a bundle's graph, one step at a time.
+
+It owns the KV cache and nothing else about requests. Two calls:
+
+- :meth:`ModelRunner.prefill` runs ``ids`` (a prompt, or one chunk of it) for ONE row and returns
+  that row's last logits;
+- :meth:`ModelRunner.decode` runs one token for each of the first ``n`` rows at once, rows of any
+  lengths and adapters, and returns their logits.
+
+The KV cache is one preallocated ``[rows, kv_heads, capacity, head_size]`` array per layer and
+key/value. Past and present are bound to the SAME buffer (onnxruntime's GroupQueryAttention then
+writes each row's new key/value at that row's length, ``sum(attention_mask) - 1``, and reads only
+that row's prefix), so a step copies no cache. Active rows are kept in ``[0, n)``: a finished row
+is replaced by the last one (:meth:`KVCache.move_row`), so a step binds one contiguous view.
+The capacity grows by doubling up to ``max_length`` when a row needs it.
+
+LoRA (adapter ABI 3): a step's adapters are concatenated along the rank per projection and each
+row's ``lora_row_mask`` keeps only its own adapter's rank columns (see :class:`LoraBank`), so rows
+with different adapters share one step and each distinct adapter's weights are read once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmops.bundle import LoraTemplate
+
+GENAI_CONFIG = "genai_config.json"
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_INITIAL_CAPACITY = 256
+DEFAULT_MAX_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the runner needs from genai_config.json."""
+
+    model_file: str
+    num_layers: int
+    kv_heads: int
+    head_size: int
+    vocab_size: int
+    context_length: int
+    eos_ids: tuple[int, ...]
+    input_ids: str
+    attention_mask: str
+    past_key: str
+    past_value: str
+    logits: str
+    present_key: str
+    present_value: str
+    session_options: dict[str, Any]
+
+    @classmethod
+    def read(cls, model_dir: Path) -> GraphInfo:
+        config = json.loads((model_dir / GENAI_CONFIG).read_text())
+        model = config["model"]
+        decoder = model["decoder"]
+        inputs, outputs = decoder.get("inputs", {}), decoder.get("outputs", {})
+        eos = model.get("eos_token_id", [])
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+        return cls(
+            model_file=decoder.get("filename", "model.onnx"),
+            num_layers=int(decoder["num_hidden_layers"]),
+            kv_heads=int(decoder["num_key_value_heads"]),
+            head_size=int(decoder["head_size"]),
+            vocab_size=int(model["vocab_size"]),
+            context_length=int(model.get("context_length") or config.get("search", {}).get("max_length", 2048)),
+            eos_ids=eos_ids,
+            input_ids=inputs.get("input_ids", "input_ids"),
+            attention_mask=inputs.get("attention_mask", "attention_mask"),
+            past_key=inputs.get("past_key_names", "past_key_values.%d.key"),
+            past_value=inputs.get("past_value_names", "past_key_values.%d.value"),
+            logits=outputs.get("logits", "logits"),
+            present_key=outputs.get("present_key_names", "present.%d.key"),
+            present_value=outputs.get("present_value_names", "present.%d.value"),
+            session_options=dict(decoder.get("session_options", {})),
+        )
+
+
+class KVCache:
+    """Per-layer key/value buffers ``[rows, kv_heads, capacity, head_size]``; rows ``[0, n)`` are live."""
+
+    def __init__(self, info: GraphInfo, rows: int, dtype: Any, max_length: int) -> None:
+        self.info = info
+        self.rows = rows
+        self.dtype = dtype
+        self.max_length = max_length
+        self.capacity = 0
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.version = 0  # bumped when the buffers are reallocated (bindings must be redone)
+        self.ensure(min(_INITIAL_CAPACITY, max_length))
+
+    def ensure(self, length: int) -> None:
+        """Make room for ``length`` positions per row (grows by doubling, keeps the contents)."""
+        if length <= self.capacity:
+            return
+        if length > self.max_length:
+            raise ValueError(f"{length} positions exceed the KV cache limit {self.max_length}")
+        capacity = min(self.max_length, max(length, 2 * self.capacity))
+        shape = (self.rows, self.info.kv_heads, capacity, self.info.head_size)
+        keys, values = [], []
+        for layer in range(self.info.num_layers):
+            k, v = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
+            if self.capacity:
+                k[:, :, : self.capacity] = self.keys[layer]
+                v[:, :, : self.capacity] = self.values[layer]
+            keys.append(k)
+            values.append(v)
+        self.keys, self.values, self.capacity = keys, values, capacity
+        self.version += 1
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` positions onto row ``dst``."""
+        for layer in range(self.info.num_layers):
+            self.keys[layer][dst, :, :length] = self.keys[layer][src, :, :length]
+            self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
+
+    @property
+    def bytes(self) -> int:
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+
+class LoraBank:
+    """Builds a step's LoRA feeds from the adapters of its rows (adapter ABI 3).
+
+    ``adapters`` maps an adapter key to its tensors (``{input name: array}``, the .onnx_adapter
+    contents). For a step whose rows use adapters ``[a, b, None, a]`` the feed of every projection
+    is ``A = [A_a | A_b]``, ``B = [B_a ; B_b]`` (concatenated along the rank) and the row mask of
+    each projection kind keeps row 0 and 3 on a's columns, row 1 on b's, row 2 on none. An adapter
+    that lacks a projection, or has a smaller rank in some layers, is padded with zeros so every
+    layer of a projection kind has the same rank layout (the mask is shared by the layers).
+    """
+
+    def __init__(self, template: LoraTemplate, dtype: Any, cache_size: int = 4) -> None:
+        self.template = template
+        self.dtype = dtype
+        self._shapes = {i.name: i.shape for i in template.inputs}
+        # projection kind -> [(A name, B name)] over layers
+        self._pairs: dict[str, list[tuple[str, str]]] = {}
+        for item in template.inputs:
+            if ".lora_A." in item.name:
+                projection = item.name.split(".lora_A.")[0].rsplit(".", 1)[-1]
+                self._pairs.setdefault(projection, []).append((item.name, item.name.replace(".lora_A.", ".lora_B.")))
+        self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, np.ndarray], dict[str, list[tuple[int, int]]]]] = OrderedDict()
+        self._cache_size = cache_size
+        self._ones = np.ones((1, 1, 1), dtype)
+
+    def ranks(self, tensors: dict[str, np.ndarray]) -> dict[str, int]:
+        """Rank an adapter takes in each projection kind (its largest over layers; 0 = absent)."""
+        out: dict[str, int] = {}
+        for projection, pairs in self._pairs.items():
+            out[projection] = max((tensors[a].shape[1] for a, _ in pairs if a in tensors), default=0)
+        return out
+
+    def feeds(self, row_adapters: Sequence[tuple[Any, dict[str, np.ndarray]] | None]) -> dict[str, np.ndarray]:
+        """Graph feeds for rows ``[0, n)``: ``row_adapters[i]`` is ``(key, tensors)`` or None (base model)."""
+        keys: list[Any] = []
+        tensors_of: dict[Any, dict[str, np.ndarray]] = {}
+        for item in row_adapters:
+            if item is not None and item[0] not in tensors_of:
+                keys.append(item[0])
+                tensors_of[item[0]] = item[1]
+        if not keys:
+            return {}
+        concat, segments = self._concatenated(tuple(keys), tensors_of)
+        feeds = dict(concat)
+        shared = all(item is not None and item[0] == keys[0] for item in row_adapters)
+        for projection, mask_name in self.template.row_masks.items():
+            spans = segments.get(projection)
+            if not spans or spans[-1][1] == 0:
+                continue  # no adapter of this step adapts this projection kind: the graph default serves
+            if shared:
+                feeds[mask_name] = self._ones  # broadcasts: every row takes every column
+                continue
+            mask = np.zeros((len(row_adapters), 1, spans[-1][1]), self.dtype)
+            index = {key: i for i, key in enumerate(keys)}
+            for row, item in enumerate(row_adapters):
+                if item is not None:
+                    start, end = spans[index[item[0]]]
+                    mask[row, 0, start:end] = 1
+            feeds[mask_name] = mask
+        return feeds
+
+    def _concatenated(self, keys: tuple[Any, ...], tensors_of: dict[Any, dict[str, np.ndarray]]
+                      ) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[int, int]]]]:
+        cached = self._cache.get(keys)
+        if cached is not None:
+            self._cache.move_to_end(keys)
+            return cached
+        feeds: dict[str, np.ndarray] = {}
+        segments: dict[str, list[tuple[int, int]]] = {}
+        ranks = [self.ranks(tensors_of[k]) for k in keys]
+        for projection, pairs in self._pairs.items():
+            widths = [r[projection] for r in ranks]
+            total = sum(widths)
+            bounds, start = [], 0
+            for w in widths:
+                bounds.append((start, start + w))
+                start += w
+            segments[projection] = bounds
+            if total == 0:
+                continue
+            for a_name, b_name in pairs:
+                in_dim, out_dim = int(self._shapes[a_name][0]), int(self._shapes[b_name][1])
+                if len(keys) == 1 and a_name in tensors_of[keys[0]] and tensors_of[keys[0]][a_name].shape[1] == total:
+                    feeds[a_name] = tensors_of[keys[0]][a_name]
+                    feeds[b_name] = tensors_of[keys[0]][b_name]
+                    continue
+                a_cat = np.zeros((in_dim, total), self.dtype)
+                b_cat = np.zeros((total, out_dim), self.dtype)
+                for key, (lo, _) in zip(keys, bounds, strict=True):
+                    tensors = tensors_of[key]
+                    if a_name in tensors:
+                        r = tensors[a_name].shape[1]
+                        a_cat[:, lo:lo + r] = tensors[a_name]
+                        b_cat[lo:lo + r, :] = tensors[b_name]
+                feeds[a_name], feeds[b_name] = a_cat, b_cat
+        self._cache[keys] = (feeds, segments)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return feeds, segments
+
+    def forget(self, key: Any) -> None:
+        """Drop cached concatenations that hold adapter ``key`` (it was unloaded)."""
+        for keys in [k for k in self._cache if key in k]:
+            del self._cache[keys]
+
+
+class ModelRunner:
+    """One onnxruntime session over ``model_dir`` with a KV cache of ``rows`` rows.
+
+    Args:
+        model_dir (Path): the bundle's model folder (model.onnx, genai_config.json).
+        template (LoraTemplate): the bundle's adapter ABI (LoRA and row-mask input names).
+        rows (int): the most rows one decode step may hold (the server's --max-batch).
+        threads (int | None): intra-op threads; None = genai_config.json's, else onnxruntime's default.
+        max_length (int | None): KV positions per row; default the model's context length, at most
+            ``DEFAULT_MAX_LENGTH`` (the cache grows on demand, but a row may grow to this).
+    """
+
+    def __init__(self, model_dir: Path, template: LoraTemplate, rows: int, threads: int | None = None,
+                 max_length: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.info = GraphInfo.read(model_dir)
+        options = ort.SessionOptions()
+        configured = self.info.session_options.get("intra_op_num_threads")
+        self.threads = threads if threads is not None else (int(configured) if configured is not None else None)
+        if self.threads is not None:
+            options.intra_op_num_threads = int(self.threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_dir / self.info.model_file), options,
+                                            providers=["CPUExecutionProvider"])
+        # inputs with a default (the LoRA pairs and masks) are "overridable initializers" to onnxruntime
+        io_types = {i.name: i.type for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
+        kv_type = io_types.get(self.info.past_key % 0, "tensor(float)")
+        self.dtype = np.float16 if "float16" in kv_type else np.float32
+        self.graph_inputs = set(io_types)
+        missing = {m for m in template.row_masks.values()} - self.graph_inputs
+        if missing:
+            raise ValueError(f"the graph lacks the LoRA row-mask inputs {sorted(missing)}; rebuild the bundle")
+        self.rows = rows
+        self.max_length = min(max_length or DEFAULT_MAX_LENGTH, self.info.context_length)
+        self.cache = KVCache(self.info, rows, self.dtype, self.max_length)
+        self.bank = LoraBank(template, _NP_DTYPES.get(template.dtype, self.dtype)) if template.inputs else None
+        from onnxruntime.capi import _pybind_state
+
+        self._ort, self._capi = ort, _pybind_state
+        self._run_options = _pybind_state.RunOptions()
+        self._cpu = _pybind_state.OrtDevice(_pybind_state.OrtDevice.cpu(), _pybind_state.OrtDevice.default_memory(), 0)
+
+    # ---- steps --------------------------------------------------------------------------------
+    def prefill(self, row: int, ids: np.ndarray, past: int, lora: dict[str, np.ndarray]) -> np.ndarray:
+        """Run ``ids`` (1-D: a prompt or one chunk of it) for row ``row`` whose first ``past``
+        positions are cached; returns its last logits ``[vocab]`` (float32)."""
+        total = past + len(ids)
+        self.cache.ensure(total)
+        logits = np.empty((1, len(ids), self.info.vocab_size), self.dtype)
+        feeds = {self.info.input_ids: np.ascontiguousarray(ids, np.int64).reshape(1, -1),
+                 self.info.attention_mask: np.ones((1, total), np.int64), **lora}
+        self._run(feeds, logits, row, row + 1)
+        return np.asarray(logits[0, -1], np.float32)
+
+    def prefill_rows(self, start: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray]) -> np.ndarray:
+        """Whole prompts of rows ``[start, start + k)`` in one call: ``ids`` ``[k, width]`` right-padded,
+        ``lengths[i]`` row i's prompt length. Returns each row's last-prompt-position logits ``[k, vocab]``.
+
+        The mask's row sums give each row its length; the padding's keys land past the row's
+        length, where its first decoded tokens overwrite them.
+        """
+        k, width = ids.shape
+        self.cache.ensure(width)
+        logits = np.empty((k, width, self.info.vocab_size), self.dtype)
+        mask = (np.arange(width, dtype=np.int64)[None, :] < lengths[:, None]).astype(np.int64)
+        feeds = {self.info.input_ids: np.ascontiguousarray(ids, np.int64), self.info.attention_mask: mask, **lora}
+        self._run(feeds, logits, start, start + k)
+        return np.asarray(logits[np.arange(k), lengths - 1], np.float32)
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray]) -> np.ndarray:
+        """One token for each of rows ``[0, n)``: ``tokens[i]`` is row i's next input, ``lengths[i]``
+        its cached positions. Returns logits ``[n, vocab]`` (float32)."""
+        n = len(tokens)
+        totals = lengths.astype(np.int64) + 1
+        width = int(totals.max())
+        self.cache.ensure(width)
+        # only the row sums matter to the graph (seqlens_k = sum - 1); the width is the longest row
+        mask = (np.arange(width, dtype=np.int64)[None, :] < totals[:, None]).astype(np.int64)
+        logits = np.empty((n, 1, self.info.vocab_size), self.dtype)
+        feeds = {self.info.input_ids: np.ascontiguousarray(tokens, np.int64).reshape(n, 1),
+                 self.info.attention_mask: mask, **lora}
+        self._run(feeds, logits, 0, n)
+        return np.asarray(logits[:, 0], np.float32)
+
+    def _run(self, feeds: dict[str, np.ndarray], logits: np.ndarray, start: int, end: int) -> None:
+        """Run the graph with past and present key/values bound to the SAME cache rows ``[start, end)``
+        and the logits written into ``logits``. onnxruntime's IOBinding cannot bind inputs that have
+        a default (the LoRA inputs), so this goes through ``run_with_ortvaluevector`` with
+        preallocated fetches, as onnxruntime-genai's C++ Run call does."""
+        C, ort = self._capi, self._ort
+        names = list(feeds)
+        values = C.OrtValueVector()
+        values.reserve(len(names) + 2 * self.info.num_layers * 2)
+        for name in names:
+            values.push_back(ort.OrtValue.ortvalue_from_numpy(feeds[name])._ortvalue)
+        fetch_names = [self.info.logits]
+        fetches = C.OrtValueVector()
+        fetches.push_back(ort.OrtValue.ortvalue_from_numpy(logits)._ortvalue)
+        keep = [feeds]  # the OrtValues borrow these arrays' memory until the run returns
+        for layer in range(self.info.num_layers):
+            for buffers, past, present in ((self.cache.keys, self.info.past_key, self.info.present_key),
+                                           (self.cache.values, self.info.past_value, self.info.present_value)):
+                view = buffers[layer][start:end]
+                keep.append(view)
+                value = ort.OrtValue.ortvalue_from_numpy(view)._ortvalue
+                names.append(past % layer)
+                values.push_back(value)
+                fetch_names.append(present % layer)
+                fetches.push_back(value)
+        self.session._sess.run_with_ortvaluevector(self._run_options, names, values, fetch_names, fetches,
+                                                   [self._cpu] * len(fetch_names))
+        del keep
