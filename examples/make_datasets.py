@@ -2,6 +2,14 @@
 
 tone/     phrase -> one of five tone labels (label task: accuracy, macro F1)
 extract/  booking request -> one-line JSON with city, date and guests (structured free text: ROUGE-L, BLEU, exact match)
+
+Each has three splits: ``train.jsonl`` (training), ``eval.jsonl`` (evaluation during training, early
+stopping and best-checkpoint selection) and ``test.jsonl``, which neither training nor checkpoint
+selection sees: the quality figures the README reports. Tone's eval rows share their base phrase
+with a training row (another opener/ending); its test rows are new sentences (TONE_TEST_PHRASES),
+so they measure the task, not the memorised phrase. Extract's test rows are new requests drawn from
+the same generator, none equal to a train or eval request. The test rows come from their own
+random stream, so train.jsonl and eval.jsonl are byte-identical to before the split existed.
 """
 
 from __future__ import annotations
@@ -50,6 +58,54 @@ TONE_PHRASES = {
         "my cat opened the fridge by herself", "we bumped into each other in another country", "the old radio suddenly started working",
     ],
 }
+# Test-only sentences: no overlap with TONE_PHRASES (checked in main()).
+TONE_TEST_PHRASES = {
+    "joy": [
+        "my daughter took her first steps", "we finally paid off the house", "the band played my favourite song",
+        "I got a hug from every kid in class", "the new kitten curled up on my lap", "our offer on the flat was accepted",
+        "I beat my best time in the marathon", "my friends surprised me with a picnic", "the harvest was the best in years",
+        "my brother is coming home from the army", "the children laughed all afternoon", "I finished painting the kitchen",
+        "we danced until the sun came up", "the doctor said I am fully healed", "my poem won first prize",
+        "the whole street sang together", "I learned to ride a bike at forty", "we adopted a lovely old dog",
+        "the bakery saved me the last croissant", "our little team won the cup",
+    ],
+    "sadness": [
+        "my best friend forgot about me", "the last letter from my mother is fading", "we sold the family farm",
+        "my son will not call me anymore", "the school I loved is being closed", "I could not say goodbye to him",
+        "her chair at the table stays empty", "the band I grew up with split up", "I failed the course a second time",
+        "the kids have all moved far away", "my old dog can barely walk now", "nobody remembered the anniversary",
+        "the photos of our wedding were lost in the flood", "I eat dinner alone every night", "my team lost the final",
+        "the town where I grew up is gone", "he did not come to the funeral", "my savings are gone",
+        "the hospital called with bad news", "I had to give away my cat",
+    ],
+    "anger": [
+        "the mechanic charged me for work he never did", "my roommate ate my food again", "they gave my seat to someone else",
+        "the bank froze my account without warning", "he cut in front of the whole queue", "the builders left a mess in my garden",
+        "my boss blamed me for his mistake", "the airline lost my bag and shrugged", "someone dumped rubbish on my lawn",
+        "they raised the rent for the third time this year", "the shop refused to refund a broken phone", "my brother crashed my car and lied",
+        "the hotel gave away our booked room", "the council ignored every complaint", "the taxi driver took the long way on purpose",
+        "they kept me on hold for an hour", "my emails were read without permission", "the plumber never showed up again",
+        "the waiter was rude to my mother", "the neighbours parked across my gate",
+    ],
+    "fear": [
+        "the bridge started swaying under us", "I found a snake in my sleeping bag", "the car skidded on the black ice",
+        "there is a lump the doctor wants to check", "the boat is taking on water", "someone is trying the door handle",
+        "the kids are lost in the crowd", "the elevator stopped between floors", "the wildfire is a mile from our house",
+        "I have to jump from the high board", "the surgeon said the operation is risky", "the ground started shaking at night",
+        "a man with a knife was seen on our street", "the pilot announced an emergency landing", "my heart keeps racing for no reason",
+        "the tent is flapping in the hurricane", "I am lost in the mountains as it gets dark", "the dog broke its leash and is charging",
+        "the water in the cave keeps rising", "I heard glass break downstairs",
+    ],
+    "surprise": [
+        "my quiet neighbour is a famous author", "the old painting in the attic is worth millions", "my twin turned up at my door",
+        "the bus came exactly on time", "a stranger paid for my groceries", "it turns out the cake was made of ice cream",
+        "my grandmother started a rock band", "the test I feared was easy", "the parrot said my name",
+        "I won a raffle I forgot I entered", "the lost ring was inside the vacuum cleaner", "my boss gave everyone Friday off",
+        "the shy intern proposed at the party", "a whale swam right past our boat", "the locked door was open all along",
+        "my childhood friend is my new manager", "the restaurant remembered my order from years ago", "the storm missed us completely",
+        "we got upgraded to first class", "the new teacher is my cousin",
+    ],
+}
 TONE_OPENERS = ["", "Honestly, ", "Wow, ", "Today ", "Guess what: ", "Ugh, ", "Well, "]
 TONE_ENDINGS = [".", "!", "...", "!!", " today."]
 TONE_OPENERS_OK = {"joy": TONE_OPENERS, "sadness": ["", "Honestly, ", "Today ", "Well, "],
@@ -86,9 +142,21 @@ def tone_rows(rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
-def extract_rows(rng: random.Random, count: int = 320) -> list[dict[str, str]]:
+def tone_test_rows(rng: random.Random) -> list[dict[str, str]]:
+    """One row per test-only sentence, with an opener and ending as in training."""
     rows = []
-    seen = set()
+    for tone, phrases in TONE_TEST_PHRASES.items():
+        for phrase in phrases:
+            endings = [e for e in TONE_ENDINGS if not (e == " today." and re.search(r"today|tonight|night|morning|tomorrow", phrase))]
+            text = f"{rng.choice(TONE_OPENERS_OK[tone])}{phrase}{rng.choice(endings)}"
+            rows.append({"phrase": text[0].upper() + text[1:], "tone": tone})
+    rng.shuffle(rows)
+    return rows
+
+
+def extract_rows(rng: random.Random, count: int = 320, seen: set[str] | None = None) -> list[dict[str, str]]:
+    rows = []
+    seen = set() if seen is None else seen
     while len(rows) < count:
         city, month, day, n = rng.choice(CITIES), rng.choice(MONTHS), rng.randint(1, 28), rng.randint(1, 6)
         template = rng.choice(EXTRACT_TEMPLATES)
@@ -115,7 +183,17 @@ def main() -> None:
     extract = extract_rows(rng)
     write_jsonl(HERE / "extract" / "train.jsonl", extract[:-50])
     write_jsonl(HERE / "extract" / "eval.jsonl", extract[-50:])
-    print(f"tone: {len(tone)} rows, extract: {len(extract)} rows")
+    # Test splits: their own random stream, so the files above do not change.
+    test_rng = random.Random(4321)
+    known = {p for phrases in TONE_PHRASES.values() for p in phrases}
+    overlap = known & {p for phrases in TONE_TEST_PHRASES.values() for p in phrases}
+    assert not overlap, f"test phrases also in training: {overlap}"
+    tone_test = tone_test_rows(test_rng)
+    write_jsonl(HERE / "tone" / "test.jsonl", tone_test)
+    extract_test = extract_rows(test_rng, 100, seen={r["request"][0].lower() + r["request"][1:] for r in extract}
+                                | {r["request"] for r in extract})
+    write_jsonl(HERE / "extract" / "test.jsonl", extract_test)
+    print(f"tone: {len(tone)} + {len(tone_test)} test rows, extract: {len(extract)} + {len(extract_test)} test rows")
 
 
 if __name__ == "__main__":

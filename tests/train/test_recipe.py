@@ -73,11 +73,52 @@ def test_early_stopping_keeps_the_best_checkpoint(base_args) -> None:
     # A rate this high diverges after the first evals, so patience 1 must stop early.
     cfg = build_config({**base_args, "max_steps": 40, "learning_rate": 0.5, "eval_steps": 2,
                         "early_stopping_patience": 1, "target_modules": ["all-linear"]})
-    record = train(cfg).record
+    result = train(cfg)
+    record = result.record
     assert record["performance"]["steps"] < 40
     best = record["metrics"]["best_checkpoint_metric"]
     assert best == min(e["eval_loss"] for e in record["metrics"]["evals"])
     assert record["metrics"]["final"]["eval_loss"] == pytest.approx(best, rel=1e-4)
+    # run.json reuses the best eval instead of evaluating again: the saved adapter must really be that checkpoint
+    assert _eval_loss_of_saved_adapter(cfg, result.adapter_dir) == pytest.approx(best, rel=1e-4)
+
+
+def _eval_loss_of_saved_adapter(cfg, adapter_dir: Path) -> float:
+    """eval_loss of the adapter on disk, through a plain transformers Trainer (not ours)."""
+    from peft import PeftModel
+    from slmops_train.data import Collator, prepare_data
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    data = prepare_data(cfg, tok)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path), adapter_dir)
+    args = TrainingArguments(output_dir=str(adapter_dir.parent / "plain-eval"), per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+                             report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=data.eval, data_collator=Collator(tok.pad_token_id))
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def test_test_split_is_scored_once_after_selection(base_args, tmp_path) -> None:
+    """Test rows reach neither training nor checkpoint selection; run.json reports train/eval/test apart."""
+    from tests.conftest import EXAMPLES, write_jsonl
+
+    test_file = write_jsonl(tmp_path / "test.jsonl", [json.loads(x) for x in (EXAMPLES / "tone" / "test.jsonl").read_text().splitlines()[:6]])
+    cfg = build_config({**base_args, "data_files": [*base_args["data_files"], f"test={test_file}"], "test_split": "test",
+                        "max_steps": 6, "eval_steps": 2, "metric_for_best_model": "eval_loss"})
+    record = train(cfg).record
+    figures = record["metrics"]["figures"]
+    assert list(figures) == ["train", "eval", "test"]
+    assert (figures["train"]["rows"], figures["eval"]["rows"], figures["test"]["rows"]) == (4, 10, 6)
+    assert {"loss", "accuracy", "macro_f1"} <= set(figures["test"]) and {"loss", "accuracy"} <= set(figures["train"])
+    # every eval during training was on the eval split only; selection used those
+    assert len(record["metrics"]["evals"]) == 3 and all(not any(k.startswith("test_") for k in e) for e in record["metrics"]["evals"])
+    assert figures["eval"]["loss"] == record["metrics"]["best_checkpoint_metric"]
+    assert figures["eval"]["step"] in {e["step"] for e in record["metrics"]["evals"]}
+    assert figures["test"]["loss"] != figures["eval"]["loss"]
+    assert record["dataset"]["test_rows"] == 6 and record["performance"]["final_figures_s"] > 0
+    with pytest.raises(SlmopsUsageError) as err:
+        train(build_config({**base_args, "test_split": "eval", "overwrite": True}))
+    assert err.value.option == "--test_split" and "also the --eval_split" in err.value.message
 
 
 def test_resume_continues_from_the_last_checkpoint(base_args) -> None:

@@ -27,6 +27,10 @@ class PreparedData:
     labels: list[str]  # distinct reference answers of the train split
     fingerprint: dict[str, Any]
     dropped: int
+    test: Any | None = None  # the test split: scored once after training, never seen by it
+    test_examples: list[dict[str, str]] | None = None
+    train_sample: Any | None = None  # the first train rows, unpacked: train figures beside eval and test
+    train_examples: list[dict[str, str]] | None = None
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -107,6 +111,19 @@ def load_splits(config: TrainConfig) -> tuple[Any, Any | None]:
     if config.max_samples:
         train = train.select(range(min(config.max_samples, len(train))))
     return train, eval_ds
+
+
+def load_test_split(config: TrainConfig) -> Any | None:
+    """The ``--test_split`` rows, or None."""
+    if config.test_split in (None, "none"):
+        return None
+    test = _load_split(config, config.test_split, "--test_split")
+    if len(test) == 0:
+        raise SlmopsUsageError("--test_split", f"'{config.test_split}' selects no rows; widen the slice or drop --test_split")
+    for other, option in ((config.train_split, "--train_split"), (config.eval_split, "--eval_split")):
+        if other == config.test_split:
+            raise SlmopsUsageError("--test_split", f"'{other}' is also the {option}; test rows must be unseen, name another split")
+    return test
 
 
 # ---- rendering ------------------------------------------------------------------------------
@@ -208,10 +225,12 @@ def tokenize_example(tokenizer: Any, prompt: str, answer: str, max_len: int, ful
     return {"input_ids": input_ids, "labels": labels}
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
+def prepare_data(config: TrainConfig, tokenizer: Any, train_sample_rows: int = 0) -> PreparedData:
+    """Tokenized train/eval(/test) splits; ``train_sample_rows`` unpacked train rows for train figures."""
     import datasets
 
     train_raw, eval_raw = load_splits(config)
+    test_raw = load_test_split(config)
     renderer = ExampleRenderer(config, tokenizer, list(train_raw.column_names))
     # Chat templates carry their own BOS; plain text gets the tokenizer's special tokens.
     add_special = not config.use_chat_template
@@ -229,22 +248,31 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
             refs.append(reference)
         return datasets.Dataset.from_list(rows), examples, refs, dropped
 
-    train, _, refs, dropped = tokenize_split(train_raw)
+    train, train_examples, refs, dropped = tokenize_split(train_raw)
     if len(train) == 0:
         raise SlmopsUsageError("--max_seq_len", f"{config.max_seq_len} truncates every answer away; raise it")
     eval_ds: Any = None
     eval_examples: list[dict[str, str]] = []
     if eval_raw is not None:
         eval_ds, eval_examples, _, _ = tokenize_split(eval_raw)
+    test_ds, test_examples = (tokenize_split(test_raw)[:2]) if test_raw is not None else (None, None)
+    sample = min(train_sample_rows, len(train))
+    train_sample = train.select(range(sample)) if sample else None
     if config.packing:
         train = pack_dataset(train, config.max_seq_len)
+    fingerprint = dataset_fingerprint(config, train_raw, eval_raw)
+    fingerprint.update(test_split=config.test_split, test_rows=len(test_raw) if test_raw is not None else 0)
     return PreparedData(
         train=train,
         eval=eval_ds,
         eval_examples=eval_examples,
         labels=sorted(set(refs)),
-        fingerprint=dataset_fingerprint(config, train_raw, eval_raw),
+        fingerprint=fingerprint,
         dropped=dropped,
+        test=test_ds,
+        test_examples=test_examples,
+        train_sample=train_sample,
+        train_examples=train_examples[:sample] if sample else None,
     )
 
 

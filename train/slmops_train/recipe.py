@@ -128,10 +128,15 @@ def _trainer_class() -> Any:
                      gen_limit: int, gen_max_new_tokens: int, gen_tokenizer: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.eval_examples = eval_examples[:gen_limit]
+            # metric prefix -> rows to generate answers for: eval (limited), and after training the
+            # test split and a train sample (all their rows)
+            self.examples_for: dict[str, list[dict[str, str]]] = {"eval": self.eval_examples}
             self.label_task = label_task
             self.gen_max_new_tokens = gen_max_new_tokens
             self.gen_tokenizer = gen_tokenizer
             self.last_predictions: list[str] = []
+            self.predictions: dict[str, list[str]] = {}  # metric prefix -> the last answers
+            self.eval_by_step: dict[int, tuple[dict[str, float], list[str]]] = {}  # step -> eval metrics, answers
 
         def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
             output = super().evaluation_loop(*args, **kwargs)
@@ -139,11 +144,16 @@ def _trainer_class() -> Any:
             prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
             if f"{prefix}_loss" in metrics:
                 metrics[f"{prefix}_perplexity"] = perplexity(metrics[f"{prefix}_loss"])
-            if self.eval_examples:
-                self.last_predictions = self.generate_answers([e["prompt"] for e in self.eval_examples])
-                refs = [e["reference"] for e in self.eval_examples]
-                for key, value in task_metrics(self.last_predictions, refs, self.label_task).items():
+            examples = self.examples_for.get(prefix, [])
+            if examples:
+                answers = self.generate_answers([e["prompt"] for e in examples])
+                self.predictions[prefix] = answers
+                if prefix == "eval":
+                    self.last_predictions = answers
+                for key, value in task_metrics(answers, [e["reference"] for e in examples], self.label_task).items():
                     metrics[f"{prefix}_{key}"] = value
+            if prefix == "eval":
+                self.eval_by_step[self.state.global_step] = (dict(metrics), self.predictions.get("eval", []))
             return output
 
         @torch.no_grad()
@@ -273,7 +283,7 @@ def train(config: TrainConfig) -> RunResult:
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data: PreparedData = prepare_data(config, tokenizer)
+    data: PreparedData = prepare_data(config, tokenizer, train_sample_rows=config.eval_generate_limit)
     label_task = {"classification": True, "generation": False}.get(config.task_type, is_label_task(data.labels))
     model = load_model(config, model_path)
 
@@ -350,7 +360,9 @@ def train(config: TrainConfig) -> RunResult:
     train_started = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_started
-    final_metrics: dict[str, float] = trainer.evaluate() if data.eval is not None else {}
+    figures_started = time.time()
+    final_metrics, figures = _final_figures(trainer, data, eval_during)
+    figures_seconds = time.time() - figures_started
     tokens = collator.tokens_seen * world_size
 
     record: dict[str, Any] = {
@@ -372,6 +384,8 @@ def train(config: TrainConfig) -> RunResult:
         "task": {"type": "classification" if label_task else "generation", "labels": data.labels if label_task else []},
         "metrics": {
             "final": final_metrics,
+            # train sample / eval (the selected checkpoint) / test (never seen by training or selection)
+            "figures": figures,
             "train_loss": train_output.training_loss,
             "evals": [h for h in trainer.state.log_history if "eval_loss" in h],
             "train_log": [h for h in trainer.state.log_history if "loss" in h],
@@ -385,6 +399,7 @@ def train(config: TrainConfig) -> RunResult:
         "performance": {
             "wall_time_s": round(time.time() - started, 2),
             "train_time_s": round(train_seconds, 2),
+            "final_figures_s": round(figures_seconds, 2),
             "steps": trainer.state.global_step,
             "s_per_step": round(train_seconds / max(trainer.state.global_step, 1), 4),
             "tokens_seen": tokens,
@@ -413,6 +428,40 @@ def train(config: TrainConfig) -> RunResult:
         replace_dir(final, run_dir)
         shutil.rmtree(work, ignore_errors=True)
     return RunResult(run_dir=run_dir, adapter_dir=run_dir / ADAPTER_DIR, metrics=final_metrics, record=record)
+
+
+def _final_figures(trainer: Any, data: PreparedData, eval_during: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """(eval metrics of the kept checkpoint, {"train", "eval", "test"} figures without prefixes).
+
+    The kept (best) checkpoint was evaluated during training: its metrics and answers are reused
+    rather than computed again. The test split and a train sample are scored here, once.
+    """
+    from transformers import EarlyStoppingCallback
+
+    trainer.remove_callback(EarlyStoppingCallback)  # the scoring below is not a training eval
+    best = trainer.state.best_global_step if eval_during else None
+    final: dict[str, float] = {}
+    if best is not None and best in trainer.eval_by_step:
+        final, answers = trainer.eval_by_step[best]
+        trainer.last_predictions = answers
+    elif data.eval is not None:
+        final = trainer.evaluate()
+    figures: dict[str, Any] = {}
+    for split, dataset, examples, prefix in (("train", data.train_sample, data.train_examples, "train_sample"),
+                                             ("test", data.test, data.test_examples, "test")):
+        if dataset is None:
+            continue
+        trainer.examples_for[prefix] = examples or []
+        metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
+        figures[split] = {"rows": len(dataset), **_unprefixed(metrics, prefix)}
+    if final and data.eval is not None:
+        figures["eval"] = {"rows": len(data.eval), "step": best, **_unprefixed(final, "eval")}
+    return final, dict(sorted(figures.items(), key=lambda kv: ["train", "eval", "test"].index(kv[0])))
+
+
+def _unprefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    keep = ("loss", "perplexity", "accuracy", "macro_f1", "rouge_l", "bleu", "exact_match")
+    return {k.removeprefix(f"{prefix}_"): v for k, v in metrics.items() if k.removeprefix(f"{prefix}_") in keep}
 
 
 def write_loss_curve(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
