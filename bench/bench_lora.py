@@ -6,9 +6,11 @@ Speed (decode tokens/s, fixed length, threads pinned, interleaved repeats, media
   * ``plain_builder_int4``: the onnxruntime-genai builder's own int4 graph (its fastest, lossier);
   * ``bundle``: the bundle's LoRA-input graph with no adapter and with each of its adapters;
   * the same three through the gRPC server (GenerateStream, ``min_new_tokens`` = fixed length).
-Quality on the adapters' held-out eval sets: bundle vs PyTorch fp32+PEFT (accuracy / ROUGE-L)
-and base perplexity vs fp32. ``--peers``: llama.cpp (llama-cpp-python) on the Q4_1 GGUF the
-default model comes from, adapters converted with llama.cpp's convert_lora_to_gguf.py.
+Quality on the adapters' test rows (``test_split`` of their runs: rows that neither training nor
+checkpoint selection saw): bundle vs PyTorch fp32+PEFT (accuracy / ROUGE-L) and base perplexity vs
+fp32. ``--peers``: llama.cpp (llama-cpp-python) on the Q4_1 GGUF the default model comes from,
+adapters converted with llama.cpp's convert_lora_to_gguf.py; its decode runs join the same
+interleaved, warmed-up repeats as every other case (loaded ``--instances`` times, like them).
 
     make bench-lora                  # .venv/bin/python bench/bench_lora.py dist/bundles/cpu
     make bench-peers                 # + llama.cpp (installs llama-cpp-python: ~9 min compile)
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +81,9 @@ def export_baselines(hf_dir: str, work: Path, manifest: Any) -> dict[str, Path]:
 
 
 def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: list[int], messages: list[dict[str, str]],
-                args: argparse.Namespace) -> dict[str, Any]:
+                args: argparse.Namespace, peers: dict[str, list[Callable[[int], float]]] | None = None) -> dict[str, Any]:
+    """Interleaved decode speed of every case; ``peers``: case -> one runner per loaded instance
+    (``runner(new_tokens) -> tok/s``), warmed up and interleaved with the rest."""
     import onnxruntime_genai as og
     from slmops_serve.client import SlmopsClient
 
@@ -97,7 +102,8 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
         cases.setdefault("bundle", []).append((lora, og_adapters, None))
         for n in names:
             cases.setdefault(f"bundle+{n}", []).append((lora, og_adapters, n))
-    runs: dict[str, list[float]] = {key: [] for key in cases}
+    peers = peers or {}
+    runs: dict[str, list[float]] = {key: [] for key in [*cases, *peers]}
     prefill: dict[str, list[float]] = {key: [] for key in cases}
     server = client = None
     if not args.no_grpc:
@@ -109,13 +115,18 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
         for instances in cases.values():  # warm-up
             for model, handle, adapter in instances:
                 decode_run(model, handle, ids, 8, adapter)
+        for runners in peers.values():
+            for runner in runners:
+                runner(8)
         if client is not None:
             for adapter in ["", *names]:
                 stream_run(client, messages, adapter, 8)
         for rep in range(args.repeats):
-            order = list(cases) + ([k for k in runs if k.startswith("grpc")] if client else [])
+            order = list(cases) + list(peers) + ([k for k in runs if k.startswith("grpc")] if client else [])
             for key in order if rep % 2 == 0 else reversed(order):  # interleaved, alternating order
-                if key.startswith("grpc"):
+                if key in peers:
+                    runs[key] += [runner(args.new_tokens) for runner in peers[key]]
+                elif key.startswith("grpc"):
                     adapter = key.partition("+")[2]
                     runs[key].append(stream_run(client, messages, adapter, args.new_tokens))
                 else:
@@ -145,7 +156,7 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
     return result
 
 
-def bench_quality(bundle: Path, manifest: Any, hf_dir: str, rows: int) -> dict[str, Any]:
+def bench_quality(bundle: Path, manifest: Any, hf_dir: str, rows: int | None) -> dict[str, Any]:
     from slmops_build.adapters import load_peft_adapter
     from slmops_build.validate import Bounds, validate_bundle
 
@@ -156,41 +167,36 @@ def bench_quality(bundle: Path, manifest: Any, hf_dir: str, rows: int) -> dict[s
                 for name, info in manifest.adapters.items() if info.source_run}
     report = validate_bundle(bundle, hf_dir, manifest.lora_template, target, adapters,
                              Bounds(rows=rows, max_accuracy_drop=GOALS["accuracy_points"], max_ppl_increase=GOALS["ppl_pct"],
-                                    ppl_texts=rows))
+                                    ppl_texts=rows or 50, split="test"))
     return report
 
 
-def bench_llama_cpp(manifest: Any, hf_dir: str, convert_dir: Path, work: Path, ids: list[int], rows: int,
-                    args: argparse.Namespace) -> dict[str, Any]:
+class LlamaCpp:
     """llama.cpp on the Q4_1 GGUF + adapters converted by its own convert_lora_to_gguf.py."""
-    import llama_cpp
-    from slmops_build.adapters import load_peft_adapter
-    from slmops_build.validate import Bounds, eval_set, task_score
-    from transformers import AutoTokenizer
 
-    from slmops.models import default_gguf_path
+    def __init__(self, manifest: Any, hf_dir: str, convert_dir: Path, work: Path, args: argparse.Namespace) -> None:
+        import llama_cpp
+        from slmops_build.adapters import load_peft_adapter
 
-    gguf = default_gguf_path()
-    out: dict[str, Any] = {"llama_cpp_python": llama_cpp.__version__, "gguf": str(gguf), "adapters": {}}
-    lora_files: dict[str, Path] = {}
-    peft = {name: load_peft_adapter(name, info.source_run, None, None) for name, info in manifest.adapters.items()}
-    for name, adapter in peft.items():
-        dest = work / f"{name}.lora.gguf"
-        if not dest.is_file():
-            cmd = [sys.executable, str(convert_dir / "convert_lora_to_gguf.py"), "--base", hf_dir, "--outfile", str(dest),
-                   "--outtype", "f32", str(adapter.adapter_dir)]
-            # llama.cpp's gguf-py first: the converter expects its own gguf version
-            env = {**os.environ, "PYTHONPATH": str(convert_dir / "gguf-py"), "HF_HUB_OFFLINE": "1"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(f"convert_lora_to_gguf.py failed for {name}:\n{proc.stderr[-2000:]}")
-        lora_files[name] = dest
-    llms = {"base": llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_ctx=1024, verbose=False)}
-    for name, path in lora_files.items():
-        llms[name] = llama_cpp.Llama(model_path=str(gguf), lora_path=str(path), n_threads=args.threads, n_ctx=1024, verbose=False)
-    eos = {int(llms["base"].token_eos())}
+        from slmops.models import default_gguf_path
 
-    def generate(llm: Any, prompt: list[int], max_new: int, fixed: bool = False) -> tuple[list[int], float]:
+        gguf = default_gguf_path()
+        self.info: dict[str, Any] = {"llama_cpp_python": llama_cpp.__version__, "gguf": str(gguf), "adapters": {}}
+        self.peft = {name: load_peft_adapter(name, info.source_run, None, None) for name, info in manifest.adapters.items()}
+        lora_files = {name: convert_lora(adapter.adapter_dir, hf_dir, convert_dir, work / f"{name}.lora.gguf")
+                      for name, adapter in self.peft.items()}
+
+        def load(lora: Path | None) -> Any:
+            kwargs = {"lora_path": str(lora)} if lora else {}
+            return llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_ctx=1024, verbose=False, **kwargs)
+
+        # as many loads of each as the ONNX graphs get (--instances): the same placement effects
+        self.instances: dict[str, list[Any]] = {"llama_cpp": [load(None) for _ in range(args.instances)]}
+        for name, path in lora_files.items():
+            self.instances[f"llama_cpp+{name}"] = [load(path) for _ in range(args.instances)]
+        self.eos = {int(self.instances["llama_cpp"][0].token_eos())}
+
+    def generate(self, llm: Any, prompt: list[int], max_new: int, fixed: bool = False) -> tuple[list[int], float]:
         llm.reset()
         tokens: list[int] = []
         first = ended = 0.0
@@ -198,29 +204,49 @@ def bench_llama_cpp(manifest: Any, hf_dir: str, convert_dir: Path, work: Path, i
             now = time.perf_counter()
             first = first or now
             ended = now
-            if token in eos and not fixed:
+            if token in self.eos and not fixed:
                 break
             tokens.append(int(token))
             if len(tokens) >= max_new:
                 break
         return tokens, (len(tokens) - 1) / max(ended - first, 1e-9)
 
-    speed: dict[str, list[float]] = {k: [] for k in llms}
-    for _ in range(args.repeats):
-        for key, llm in llms.items():
-            speed[key].append(generate(llm, ids, args.new_tokens, fixed=True)[1])
-    out["decode_tok_s"] = {k: round(statistics.median(v), 1) for k, v in speed.items()}
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    for name, adapter in peft.items():
-        data = eval_set(adapter, tokenizer, Bounds(rows=rows))
-        answers = []
-        for prompt in data.prompts:
-            prompt_ids = list(tokenizer(prompt, add_special_tokens=not data.chat)["input_ids"])
-            tokens, _ = generate(llms[name], prompt_ids, data.max_new_tokens)
-            answers.append(str(tokenizer.decode(tokens, skip_special_tokens=True)).strip())
-        metric, score = task_score(answers, data.references, data.label_task)
-        out["adapters"][name] = {"metric": metric, "llama_cpp": round(score, 4), "rows": len(answers)}
-    return out
+    def speed_runners(self, ids: list[int]) -> dict[str, list[Callable[[int], float]]]:
+        """Fixed-length decode runners for bench_speed's interleaved loop."""
+        def runner(llm: Any) -> Callable[[int], float]:
+            return lambda new_tokens: self.generate(llm, ids, new_tokens, fixed=True)[1]
+
+        return {key: [runner(llm) for llm in llms] for key, llms in self.instances.items()}
+
+    def quality(self, hf_dir: str, rows: int | None) -> dict[str, Any]:
+        """Task score of each adapter on its run's test rows (as bench_quality scores the bundle)."""
+        from slmops_build.validate import Bounds, eval_set, task_score
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        for name, adapter in self.peft.items():
+            data = eval_set(adapter, tokenizer, Bounds(rows=rows, split="test"))
+            answers = []
+            for prompt in data.prompts:
+                prompt_ids = list(tokenizer(prompt, add_special_tokens=not data.chat)["input_ids"])
+                tokens, _ = self.generate(self.instances[f"llama_cpp+{name}"][0], prompt_ids, data.max_new_tokens)
+                answers.append(str(tokenizer.decode(tokens, skip_special_tokens=True)).strip())
+            metric, score = task_score(answers, data.references, data.label_task)
+            self.info["adapters"][name] = {"metric": metric, "llama_cpp": round(score, 4), "rows": len(answers)}
+        return self.info
+
+
+def convert_lora(adapter_dir: Path, hf_dir: str, convert_dir: Path, dest: Path) -> Path:
+    """PEFT adapter -> GGUF LoRA with llama.cpp's own converter (kept in the work folder)."""
+    if not dest.is_file():
+        cmd = [sys.executable, str(convert_dir / "convert_lora_to_gguf.py"), "--base", hf_dir, "--outfile", str(dest),
+               "--outtype", "f32", str(adapter_dir)]
+        # llama.cpp's gguf-py first: the converter expects its own gguf version
+        env = {**os.environ, "PYTHONPATH": str(convert_dir / "gguf-py"), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"convert_lora_to_gguf.py failed for {adapter_dir}:\n{proc.stderr[-2000:]}")
+    return dest
 
 
 def table(result: dict[str, Any]) -> str:
@@ -253,7 +279,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--instances", type=int, default=2, help="loads of each graph (each runs every repeat)")
-    parser.add_argument("--rows", type=int, default=50, help="held-out eval rows per adapter")
+    parser.add_argument("--rows", type=int, default=None, help="test rows per adapter (default: all of them)")
     parser.add_argument("--no-grpc", dest="no_grpc", action="store_true")
     parser.add_argument("--no-quality", dest="no_quality", action="store_true")
     parser.add_argument("--no-speed", dest="no_speed", action="store_true")
@@ -286,21 +312,29 @@ def main() -> None:
                               "adapters": {n: {"rank": a.rank, "modules": a.target_modules} for n, a in manifest.adapters.items()}}
     out_path = Path(args.out)
     try:
+        llama = None
+        if args.peers:
+            if args.llama_convert is None:
+                raise SystemExit("--peers needs --llama-convert DIR (make bench-peers sets it)")
+            print("llama.cpp: converting adapters, loading the GGUF", flush=True)
+            llama = LlamaCpp(manifest, hf_dir, args.llama_convert, work, args)
         if not args.no_speed:
             t0 = time.time()
             baselines = export_baselines(hf_dir, work, manifest)
             result["baseline_export_s"] = round(time.time() - t0, 1)
             print(f"speed: {args.repeats} interleaved repeats x {args.instances} instances of {args.new_tokens} tokens, "
                   f"{args.threads} threads", flush=True)
-            result["speed"] = bench_speed(bundle, manifest, baselines, ids, messages, args)
+            result["speed"] = bench_speed(bundle, manifest, baselines, ids, messages, args,
+                                          peers=llama.speed_runners(ids) if llama else None)
         if not args.no_quality:
-            print(f"quality: {args.rows} held-out rows per adapter, bundle vs PyTorch fp32+PEFT", flush=True)
+            print(f"quality: {args.rows or 'all'} test rows per adapter, bundle vs PyTorch fp32+PEFT", flush=True)
             result["quality"] = bench_quality(bundle, manifest, hf_dir, args.rows)
-        if args.peers:
-            if args.llama_convert is None:
-                raise SystemExit("--peers needs --llama-convert DIR (make bench-peers sets it)")
-            print("llama.cpp: converting adapters, speed and quality", flush=True)
-            result["llama_cpp"] = bench_llama_cpp(manifest, hf_dir, args.llama_convert, work, ids, args.rows, args)
+        if llama is not None:
+            print("llama.cpp: quality on the same test rows", flush=True)
+            result["llama_cpp"] = llama.quality(hf_dir, args.rows)
+            if "speed" in result:  # its speeds come from the interleaved loop above
+                result["llama_cpp"]["decode_tok_s"] = {k: v for k, v in result["speed"]["decode_tok_s"].items()
+                                                       if k.startswith("llama_cpp")}
     finally:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -60,6 +60,7 @@ class Bounds:
     max_new_tokens: int | None = None
     ppl_texts: int = 8  # held-out texts per adapter for the perplexity check
     torch_batch_size: int = 8
+    split: str = "eval"  # the run's rows to compare on: "eval" (a build), or "test" (benchmarks' quality figures)
 
 
 @dataclass
@@ -120,15 +121,15 @@ def eval_set(adapter: PeftAdapter | None, tokenizer: Any, bounds: Bounds) -> Eva
         return fallback
     try:
         from slmops_train.config import TrainConfig
-        from slmops_train.data import ExampleRenderer, load_splits
+        from slmops_train.data import ExampleRenderer, load_splits, load_test_split
 
         config = TrainConfig(**record["config"])
-        _, eval_ds = load_splits(config)
+        eval_ds = load_test_split(config) if bounds.split == "test" else load_splits(config)[1]
     except Exception as exc:  # noqa: BLE001 - data moved, config from another version ...
-        fallback.skipped = f"eval data of the run cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+        fallback.skipped = f"{bounds.split} data of the run cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
         return fallback
     if eval_ds is None or len(eval_ds) == 0:
-        fallback.skipped = "the run has no eval split"
+        fallback.skipped = f"the run has no {bounds.split} split"
         return fallback
     if bounds.rows is not None:
         eval_ds = eval_ds.select(range(min(bounds.rows, len(eval_ds))))
@@ -144,7 +145,8 @@ def eval_set(adapter: PeftAdapter | None, tokenizer: Any, bounds: Bounds) -> Eva
     max_new = bounds.max_new_tokens or config.eval_max_new_tokens or min(ref_tokens + 8, MAX_NEW_TOKENS_CAP)
     assert adapter is not None and adapter.run_dir is not None  # record came from the run folder
     return EvalSet(prompts=prompts, references=refs, label_task=label_task, chat=config.use_chat_template,
-                   max_new_tokens=max_new, source=f"{adapter.run_dir.resolve()} ({config.eval_split})", texts=texts)
+                   max_new_tokens=max_new, source=f"{adapter.run_dir.resolve()} ({config.test_split if bounds.split == 'test' else config.eval_split})",
+                   texts=texts)
 
 
 # ---- metrics ------------------------------------------------------------------------------
