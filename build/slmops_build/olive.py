@@ -55,13 +55,11 @@ def _build_params(skip: tuple[str, ...] = ()) -> list[click.Parameter]:
 
 def _common_options() -> list[click.Option]:
     return [
-        click.Option(["--log_level"], type=click.IntRange(0, 4), default=None, show_default="3",
-                     help="olive's logging level: 0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR, 4 CRITICAL"),
+        click.Option(["--log_level"], type=click.IntRange(0, 4), default=None, help="olive's logging level: 0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR, 4 CRITICAL  [default: 3]"),
         click.Option(["--trust_remote_code"], is_flag=True, default=None,
                      help="accepted for olive compatibility: the model builder handles built-in architectures only, "
                           "so no remote model code runs"),
-        click.Option(["-t", "--task", "hf_task"], type=str, default=None, show_default="text-generation",
-                     help="olive's Hugging Face task; slmops builds causal LMs: text-generation only"),
+        click.Option(["-t", "--task", "hf_task"], type=str, default=None, help="olive's Hugging Face task; slmops builds causal LMs: text-generation only  [default: text-generation]"),
     ]
 
 
@@ -129,10 +127,8 @@ auto_opt_command = click.Command(
         click.Option(["-a", "--adapter_path"], type=str, default=None,
                      help="PEFT adapter folder (e.g. <finetune output>/adapter), named after its run folder; "
                           "--adapter NAME=PATH adds more"),
-        click.Option(["--use_ort_genai/--no-use_ort_genai"], default=None, show_default="true",
-                     help="always on: a bundle is an ONNX Runtime GenAI model (genai_config.json)"),
-        click.Option(["--use_model_builder/--no-use_model_builder"], default=None, show_default="true",
-                     help="always on: slmops exports with the ONNX Runtime GenAI model builder"),
+        click.Option(["--use_ort_genai/--no-use_ort_genai"], default=None, help="always on: a bundle is an ONNX Runtime GenAI model (genai_config.json)  [default: true]"),
+        click.Option(["--use_model_builder/--no-use_model_builder"], default=None, help="always on: slmops exports with the ONNX Runtime GenAI model builder  [default: true]"),
         *_common_options(),
     ],
     callback=_auto_opt,
@@ -184,10 +180,8 @@ generate_adapter_command = click.Command(
         click.Option(["--adapter_paths"], type=str, multiple=True,
                      help="comma list of finetune output or PEFT adapter folders, each named after its folder "
                           "(NAME=PATH names one); repeatable"),
-        click.Option(["--adapter_type"], type=click.Choice(ADAPTER_TYPES), default=None, show_default="lora",
-                     help="lora only (olive's dora/loha are refused)"),
-        click.Option(["--adapter_format"], type=click.Choice(ADAPTER_FORMATS), default=None, show_default="onnx_adapter",
-                     help="onnx_adapter only: the format the server loads"),
+        click.Option(["--adapter_type"], type=click.Choice(ADAPTER_TYPES), default=None, help="lora only (olive's dora/loha are refused)  [default: lora]"),
+        click.Option(["--adapter_format"], type=click.Choice(ADAPTER_FORMATS), default=None, help="onnx_adapter only: the format the server loads  [default: onnx_adapter]"),
         *_common_options(),
     ],
     callback=_generate_adapter,

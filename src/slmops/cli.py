@@ -69,6 +69,9 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     """Console entry point: usage errors print one line and exit 2."""
+    # No per-shard "Loading weights" / "Writing model shards" bars from transformers and the hub: our
+    # own progress bars say what runs. HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         result = cli.main(args=argv, standalone_mode=False)
         # standalone_mode=False returns the command's return value: only an int is an exit code

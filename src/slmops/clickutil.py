@@ -216,8 +216,7 @@ class SlmopsCommand(OptionStyle, click.Command):
 
 def log_level_option(func: Any) -> Any:
     """Olive's ``--log_level`` (0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR, 4 CRITICAL)."""
-    return click.option("--log_level", type=click.IntRange(0, 4), default=None, show_default="3",
-                        help="olive's logging level: 0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR, 4 CRITICAL")(func)
+    return click.option("--log_level", type=click.IntRange(0, 4), default=None, help="olive's logging level: 0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR, 4 CRITICAL  [default: 3]")(func)
 
 
 def apply_log_level(level: int | None) -> None:

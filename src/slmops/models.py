@@ -120,6 +120,28 @@ def resolve_model_path(name_or_path: str | None, option: str = "--model_name_or_
         ) from exc
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT``) answers a TCP connect within ``timeout`` s."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def go_offline_if_hub_unreachable() -> bool:
+    """Set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when the hub cannot be reached, so a hub id fails in a
+    second with our message instead of a minute of retries. Returns whether it did."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or hub_reachable():
+        return False
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return True
+
+
 def model_weights_sha256(model_dir: str | Path) -> str:
     """Checksum of a model folder's weights; the prepared default model caches it."""
     model_dir = Path(model_dir)

@@ -369,8 +369,7 @@ def missing_packages(plan: Plan) -> dict[str, list[str]]:
 @click.option("--trust_remote_code", is_flag=True, default=None, help="load the model with trust_remote_code")
 @click.option("-o", "--output_path", type=str, default=None, help="replaces the config's output_dir")
 @click.option("--overwrite", is_flag=True, default=None, help="replace an existing output")
-@click.option("--log_level", type=click.IntRange(0, 4), default=None, show_default="3",
-              help="olive's logging level (replaces log_severity_level): 0 DEBUG ... 4 CRITICAL")
+@click.option("--log_level", type=click.IntRange(0, 4), default=None, help="olive's logging level (replaces log_severity_level): 0 DEBUG ... 4 CRITICAL  [default: 3]")
 @click.option("--tempdir", type=str, default=None, help="root folder for temporary files (sets TMPDIR)")
 @click.option("--disable_telemetry", is_flag=True, default=None, help="accepted: slmops sends no telemetry")
 @click.option("--json", "as_json", is_flag=True, default=None, help="print the plan and outputs as JSON on stdout")

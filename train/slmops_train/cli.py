@@ -35,12 +35,12 @@ def config_options(func: Any) -> Any:
     for name, field in reversed(list(TrainConfig.model_fields.items())):
         ctype, is_flag, multiple = _click_type(field.annotation)
         decls = [f"--{name}"] + ([SHORT_ALIASES[name]] if name in SHORT_ALIASES else [])
-        help_text = field.description or ""
         shown = _default_text(field)
+        help_text = (field.description or "") + (f"  [default: {shown}]" if shown is not False else "")
         if is_flag:
-            func = click.option(f"--{name}/--no-{name}", default=None, help=help_text, show_default=shown)(func)
+            func = click.option(f"--{name}/--no-{name}", default=None, help=help_text)(func)
         else:
-            func = click.option(*decls, type=ctype, multiple=multiple, default=None, help=help_text, show_default=shown)(func)
+            func = click.option(*decls, type=ctype, multiple=multiple, default=None, help=help_text)(func)
     return func
 
 
@@ -78,8 +78,6 @@ def train_command(config_path: Path | None, search_path: Path | None, only: tupl
     """
     from rich.console import Console
 
-    from slmops_train.recipe import train
-
     console = Console(stderr=True)
     options = apply_olive_options(options)
     as_json, dry_run, save_config = (bool(options.pop(k, None)) for k in ("as_json", "dry_run", "save_config_file"))
@@ -100,6 +98,20 @@ def train_command(config_path: Path | None, search_path: Path | None, only: tupl
         for cfg in configs:
             click.echo(f"# {cfg.run_name()}: would write {cfg.run_dir()}\n{_config_yaml(cfg)}")
         return
+    from slmops.models import go_offline_if_hub_unreachable, is_default_model, resolve_model_path
+
+    hub_ids = [c.data_name for c in configs if c.data_name and not Path(c.data_name).exists()]
+    hub_ids += [c.model_name_or_path for c in configs
+                if not is_default_model(c.model_name_or_path) and not Path(c.model_name_or_path).exists()]
+    if hub_ids and go_offline_if_hub_unreachable():
+        for cfg in configs:
+            if cfg.data_name and cfg.data_name in hub_ids and not _dataset_cached(cfg.data_name):
+                raise SlmopsUsageError("--data_name", f"'{cfg.data_name}' is a Hugging Face hub dataset and the hub cannot "
+                                       "be reached from here; pass local files: --data_name json --data_files FILE")
+    for model in dict.fromkeys(c.model_name_or_path for c in configs):
+        resolve_model_path(model)  # a hub id offline fails here in a second, before torch is imported
+    from slmops_train.recipe import train
+
     summaries = []
     for cfg in configs:
         result = train(cfg)
@@ -120,6 +132,12 @@ def train_command(config_path: Path | None, search_path: Path | None, only: tupl
         import json
 
         click.echo(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2, default=str))
+
+
+def _dataset_cached(name: str) -> bool:
+    """Whether ``datasets`` has ``owner/name`` in its cache (then it loads offline)."""
+    root = Path(os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "datasets")
+    return (root / name.replace("/", "___")).is_dir()
 
 
 def _config_yaml(cfg: TrainConfig) -> str:

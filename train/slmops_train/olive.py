@@ -63,14 +63,11 @@ def explain_unknown(key: str) -> str | None:
 def olive_finetune_options(func: Any) -> Any:
     """The olive-only options of ``olive finetune`` that slmops honours."""
     options = [
-        click.option("--log_level", type=click.IntRange(0, 4), default=None, show_default="3",
-                     help="olive's logging level: 0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR, 4 CRITICAL"),
+        click.option("--log_level", type=click.IntRange(0, 4), default=None, help="olive's logging level: 0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR, 4 CRITICAL  [default: 3]"),
         click.option("--task_name", type=click.Choice(["auto", "classification", "generation"]), default=None,
                      help="alias of --task_type: classification (label answers: accuracy/F1) or generation (ROUGE/BLEU)"),
-        click.option("-t", "--task", "hf_task", type=str, default=None, show_default="text-generation",
-                     help="olive's Hugging Face task; slmops fine-tunes causal LMs: text-generation only"),
-        click.option("--torch_dtype", type=click.Choice(TORCH_DTYPES), default=None, show_default="float32",
-                     help="dtype of the base weights in training; slmops trains float32 (use --bf16/--fp16 for mixed precision)"),
+        click.option("-t", "--task", "hf_task", type=str, default=None, help="olive's Hugging Face task; slmops fine-tunes causal LMs: text-generation only  [default: text-generation]"),
+        click.option("--torch_dtype", type=click.Choice(TORCH_DTYPES), default=None, help="dtype of the base weights in training; slmops trains float32 (use --bf16/--fp16 for mixed precision)  [default: float32]"),
         click.option("--tempdir", type=str, default=None, help="root folder for temporary files (sets TMPDIR)"),
         click.option("--clean", is_flag=True, default=None,
                      help="start from scratch: slmops keeps no workflow cache, so this only refuses --resume"),

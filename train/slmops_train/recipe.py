@@ -25,6 +25,7 @@ from slmops.fsutil import check_output_path, replace_dir
 from slmops.models import model_weights_sha256, resolve_model_path
 from slmops_train.config import TrainConfig
 from slmops_train.data import Collator, PreparedData, prepare_data
+from slmops_train.layout import link_base_model
 from slmops_train.metrics import greater_is_better, is_label_task, perplexity, task_metrics
 
 RUN_SCHEMA_VERSION = 1
@@ -256,6 +257,24 @@ def _checkpointing_arg() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
+def check_training_options(config: TrainConfig, cuda: bool) -> None:
+    """Refuse, naming the option, what the HF Trainer would reject later with a traceback."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    optims = [o.value for o in OptimizerNames]
+    if config.optim not in optims:
+        raise SlmopsUsageError("--optim", f"'{config.optim}' is not a transformers optimizer; e.g. adamw_torch, adafactor, sgd")
+    schedulers = [s.value for s in SchedulerType]
+    if config.lr_scheduler_type not in schedulers:
+        raise SlmopsUsageError("--lr_scheduler_type", f"'{config.lr_scheduler_type}' is not one of {schedulers}")
+    if config.fp16 and not cuda:
+        raise SlmopsUsageError("--fp16", "fp16 mixed precision needs a CUDA GPU; on CPU train in float32 "
+                               "(leave --fp16 out) or use --bf16 true")
+    if config.fp16 and config.bf16:
+        raise SlmopsUsageError("--fp16", "choose one of --fp16 and --bf16")
+
+
 def train(config: TrainConfig) -> RunResult:
     """Fine-tune one adapter as ``config`` says and write its run folder."""
     import warnings
@@ -277,6 +296,7 @@ def train(config: TrainConfig) -> RunResult:
     if rank == 0 and not resume_from and work.exists():
         shutil.rmtree(work)
     loss_fn = load_loss_fn(config.loss_fn) if config.loss_fn else None
+    check_training_options(config, torch.cuda.is_available())
 
     set_seed(config.seed)
     model_path = resolve_model_path(config.model_name_or_path)
@@ -312,6 +332,10 @@ def train(config: TrainConfig) -> RunResult:
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         **checkpointing,
+        optim=config.optim,
+        fp16=config.fp16,
+        bf16=config.bf16,
+        dataloader_num_workers=config.dataloader_num_workers,
         logging_steps=config.logging_steps,
         eval_strategy="steps" if eval_during else "no",
         eval_steps=eval_steps if eval_during else None,
@@ -339,7 +363,8 @@ def train(config: TrainConfig) -> RunResult:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(work / "tensorboard"))))
+        tb_dir = Path(config.logging_dir) if config.logging_dir else work / "tensorboard"
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir))))
     if config.early_stopping_patience and eval_during:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold))
     ref_tokens = max((len(tokenizer(e["reference"], add_special_tokens=False)["input_ids"]) for e in data.eval_examples), default=16)
@@ -417,12 +442,13 @@ def train(config: TrainConfig) -> RunResult:
         (final / ADAPTER_DIR / "slmops_adapter.json").write_text(json.dumps(
             {"base_model_sha256": record["base_model"]["sha256"], "base_model": config.model_name_or_path,
              "run": config.run_name()}, indent=2))
+        for cb in callbacks:
+            if getattr(cb, "tb_writer", None) is not None:
+                cb.tb_writer.close()
         if (work / "tensorboard").is_dir():
-            for cb in callbacks:
-                if getattr(cb, "tb_writer", None) is not None:
-                    cb.tb_writer.close()
             shutil.move(str(work / "tensorboard"), final / "tensorboard")
         write_loss_curve(trainer.state.log_history, final / "loss_curve.png", config.run_name())
+        link_base_model(final, model_path)  # <out>/model beside <out>/adapter, as olive finetune leaves them
         (final / RUN_JSON).write_text(json.dumps(record, indent=2, default=str))
         check_output_path(run_dir, config.overwrite)
         replace_dir(final, run_dir)

@@ -1,6 +1,8 @@
 """Hyperparameter search (``slmops train --search search.yaml``) with optuna.
 
-search.yaml::
+search.yaml (or the SLMOps guide's hyperparameter-search.yaml: ``search_strategy: {type: random,
+num_trials: 20}`` and ``search_space: {learning_rate: {type: float, low, high, log: true}, lora_r:
+{type: int, ...}, batch_size: {type: choice, values: [...]}}``)::
 
     config: examples/tone.yaml      # or inline `base:` options; CLI options override both
     n_trials: 8
@@ -26,11 +28,20 @@ from slmops.fsutil import check_output_path, replace_dir
 from slmops_train.config import TrainConfig, build_config, configs_from_yaml, load_yaml
 from slmops_train.metrics import greater_is_better
 
-PARAM_TYPES = ("loguniform", "uniform", "int", "choice")
+PARAM_TYPES = ("loguniform", "uniform", "int", "choice", "float")
+SPEC_KEYS = {"config", "base", "n_trials", "sampler", "metric", "output_path", "overwrite", "seed", "params",
+             "search_strategy", "search_space"}
+# the guide's search_space names -> TrainConfig options
+SEARCH_ALIASES = {"batch_size": "per_device_train_batch_size", "r": "lora_r", "alpha": "lora_alpha"}
 
 
 def _suggest(trial: Any, name: str, spec: dict[str, Any]) -> Any:
     kind = spec.get("type")
+    missing = [k for k in (("values",) if kind == "choice" else ("low", "high")) if k not in spec]
+    if kind in PARAM_TYPES and missing:
+        raise SlmopsUsageError("--search", f"params.{name} ({kind}) needs {missing}")
+    if kind == "float":
+        kind = "loguniform" if spec.get("log") else "uniform"
     if kind == "loguniform":
         return trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=True)
     if kind == "uniform":
@@ -42,12 +53,54 @@ def _suggest(trial: Any, name: str, spec: dict[str, Any]) -> Any:
     raise SlmopsUsageError("--search", f"params.{name}.type '{kind}' is not one of {PARAM_TYPES}")
 
 
+def normalize_search_spec(spec: dict[str, Any], source: str) -> dict[str, Any]:
+    """The SLMOps guide's form (``search_strategy: {type, num_trials}``, ``search_space: {name: {type:
+    float|int|choice, low, high, log, values}}``) -> this module's (``sampler``, ``n_trials``, ``params``)."""
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise SlmopsUsageError("--search", f"{unknown} not understood in {source}; use {sorted(SPEC_KEYS)}")
+    spec = dict(spec)
+    strategy = spec.pop("search_strategy", None)
+    if strategy is not None:
+        if not isinstance(strategy, dict):
+            raise SlmopsUsageError("--search", f"search_strategy in {source} must be a mapping (type, num_trials)")
+        strategy = dict(strategy)
+        kind = strategy.pop("type", strategy.pop("sampler", None))
+        if kind is not None:
+            if kind not in ("random", "tpe"):
+                raise SlmopsUsageError("--search", f"search_strategy.type '{kind}' in {source}: use random or tpe")
+            spec["sampler"] = kind
+        trials = strategy.pop("num_trials", strategy.pop("max_samples", strategy.pop("n_trials", None)))
+        if trials is not None:
+            spec["n_trials"] = trials
+        if "seed" in strategy:
+            spec["seed"] = strategy.pop("seed")
+        strategy.pop("execution_order", None)  # olive's joint/pass-by-pass: one pass here, so both are the same
+        if strategy:
+            raise SlmopsUsageError("--search", f"search_strategy {sorted(strategy)} not understood in {source}; "
+                                   "use type, num_trials, seed")
+    space = spec.pop("search_space", None)
+    if space is not None:
+        if not isinstance(space, dict) or not space:
+            raise SlmopsUsageError("--search", f"search_space in {source} must map option names to ranges")
+        params = dict(spec.get("params") or {})
+        for name, p in space.items():
+            if not isinstance(p, dict):
+                raise SlmopsUsageError("--search", f"search_space.{name} in {source} must be a mapping with a type")
+            p = dict(p)
+            if p.get("type") == "float":
+                p["type"] = "loguniform" if p.pop("log", False) else "uniform"
+            params[SEARCH_ALIASES.get(name, name)] = p
+        spec["params"] = params
+    return spec
+
+
 def run_search(search_path: Path, overrides: dict[str, Any], config_path: Path | None = None) -> dict[str, Any]:
     import optuna
 
     from slmops_train.recipe import RUN_JSON, train
 
-    spec = load_yaml(search_path)
+    spec = normalize_search_spec(load_yaml(search_path), str(search_path))
     base_config = spec.get("config") or config_path
     if base_config:
         path = Path(base_config)
