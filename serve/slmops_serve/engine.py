@@ -311,6 +311,8 @@ class Engine:
         # requests in flight with it; a blocking hook holds the whole batch).
         self.token_hook: Callable[[Generation, int], None] | None = None
         self._thread: threading.Thread | None = None
+        self._feeds_cache: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+        self._forgotten: set[str] = set()  # unloaded adapter versions whose cached feeds must go
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -330,8 +332,7 @@ class Engine:
         self.context_length = self.runner.max_length
         self.tokenizer = TextCodec(model_dir)
         self.eos_ids = set(self.runner.info.eos_ids)
-        bank = self.runner.bank
-        self.store = AdapterStore(on_unload=bank.forget if bank is not None else None)
+        self.store = AdapterStore(on_unload=self._forget)
         self.registry = AdapterRegistry(self.store, manifest.lora_template, self.config.adapter_path,
                                         self.config.max_upload_bytes, on_change=self._adapters_changed)
         for name, info in sorted(manifest.adapters.items()):
@@ -498,6 +499,7 @@ class Engine:
                 if self._stopping and not self._rows and not self._waiting:
                     return
             try:
+                self._purge_unloaded()
                 self._drop_cancelled()
                 self._join_waiting()
                 if self._rows and not self._rows[-1].prefill_done:
@@ -540,8 +542,8 @@ class Engine:
         first = pending[0]
         if first.prefilled > 0 or len(first.ids) > chunk:
             ids = first.ids[first.prefilled:first.prefilled + chunk]
-            feeds = self._lora_feeds([first])
-            logits = self.runner.prefill(start, ids, first.prefilled, feeds)
+            feeds, key = self._lora_feeds([first])
+            logits = self.runner.prefill(start, ids, first.prefilled, feeds, key)
             first.prefilled += len(ids)
             first.length = first.prefilled
             if first.prefill_done:
@@ -558,8 +560,8 @@ class Engine:
         for i, row in enumerate(group):
             ids[i, :len(row.ids)] = row.ids
         lengths = np.array([len(r.ids) for r in group], np.int64)
-        logits = self.runner.prefill_rows(start, ids, lengths, self._lora_feeds(group))
-        for i, row in enumerate(group):
+        logits = self.runner.prefill_rows(start, ids, lengths, *self._lora_feeds(group))
+        for row in group:
             row.prefilled = row.length = len(row.ids)
         for i in reversed(range(len(group))):
             self._first_token(start + i, logits[i])
@@ -587,7 +589,7 @@ class Engine:
                 return
         tokens = np.array([r.next_token for r in rows], np.int64)
         lengths = np.array([r.length for r in rows], np.int64)
-        logits = self.runner.decode(tokens, lengths, self._lora_feeds(rows))
+        logits = self.runner.decode(tokens, lengths, *self._lora_feeds(rows))
         self.metrics.batch_size.observe(len(rows))
         for row, row_logits in zip(rows, logits, strict=True):
             row.length += 1
@@ -599,11 +601,34 @@ class Engine:
             if row.finish is not None:
                 self._remove(index, row.finish)
 
-    def _lora_feeds(self, rows: list[Row]) -> dict[str, np.ndarray]:
+    def _lora_feeds(self, rows: list[Row]) -> tuple[dict[str, np.ndarray], Any]:
+        """The LoRA feeds of ``rows`` and their key (the row order of adapter versions): computed
+        once per batch composition, not per step."""
         assert self.runner is not None
+        key = ("lora", *(r.lora[0] if r.lora is not None else None for r in rows))
         if self.runner.bank is None or all(r.lora is None for r in rows):
-            return {}
-        return self.runner.bank.feeds([r.lora for r in rows])
+            return {}, key
+        cached = self._feeds_cache.get(key)
+        if cached is None:
+            cached = self.runner.bank.feeds([r.lora for r in rows])
+            if len(self._feeds_cache) >= 8:
+                self._feeds_cache.pop(next(iter(self._feeds_cache)))
+            self._feeds_cache[key] = cached
+        return cached, key
+
+    def _forget(self, internal: str) -> None:
+        """An adapter version was unloaded (no row holds it): the scheduler drops its cached feeds."""
+        with self._lock:
+            self._forgotten.add(internal)
+
+    def _purge_unloaded(self) -> None:
+        with self._lock:
+            names, self._forgotten = self._forgotten, set()
+        if not names or self.runner is None:
+            return
+        for key in [k for k in self._feeds_cache if names & set(k)]:
+            del self._feeds_cache[key]
+        self.runner.forget(names)
 
     def _drop_cancelled(self) -> None:
         for index in reversed(range(len(self._rows))):

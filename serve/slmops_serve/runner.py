@@ -277,21 +277,24 @@ class ModelRunner:
 
         self._ort, self._capi = ort, _pybind_state
         self._run_options = _pybind_state.RunOptions()
+        self._static: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._static_version = -1
         self._cpu = _pybind_state.OrtDevice(_pybind_state.OrtDevice.cpu(), _pybind_state.OrtDevice.default_memory(), 0)
 
     # ---- steps --------------------------------------------------------------------------------
-    def prefill(self, row: int, ids: np.ndarray, past: int, lora: dict[str, np.ndarray]) -> np.ndarray:
+    def prefill(self, row: int, ids: np.ndarray, past: int, lora: dict[str, np.ndarray], lora_key: Any = None) -> np.ndarray:
         """Run ``ids`` (1-D: a prompt or one chunk of it) for row ``row`` whose first ``past``
         positions are cached; returns its last logits ``[vocab]`` (float32)."""
         total = past + len(ids)
         self.cache.ensure(total)
         logits = np.empty((1, len(ids), self.info.vocab_size), self.dtype)
         feeds = {self.info.input_ids: np.ascontiguousarray(ids, np.int64).reshape(1, -1),
-                 self.info.attention_mask: np.ones((1, total), np.int64), **lora}
-        self._run(feeds, logits, row, row + 1)
+                 self.info.attention_mask: np.ones((1, total), np.int64)}
+        self._run(feeds, lora, lora_key, logits, row, row + 1)
         return np.asarray(logits[0, -1], np.float32)
 
-    def prefill_rows(self, start: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray]) -> np.ndarray:
+    def prefill_rows(self, start: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray],
+                     lora_key: Any = None) -> np.ndarray:
         """Whole prompts of rows ``[start, start + k)`` in one call: ``ids`` ``[k, width]`` right-padded,
         ``lengths[i]`` row i's prompt length. Returns each row's last-prompt-position logits ``[k, vocab]``.
 
@@ -302,13 +305,14 @@ class ModelRunner:
         self.cache.ensure(width)
         logits = np.empty((k, width, self.info.vocab_size), self.dtype)
         mask = (np.arange(width, dtype=np.int64)[None, :] < lengths[:, None]).astype(np.int64)
-        feeds = {self.info.input_ids: np.ascontiguousarray(ids, np.int64), self.info.attention_mask: mask, **lora}
-        self._run(feeds, logits, start, start + k)
+        feeds = {self.info.input_ids: np.ascontiguousarray(ids, np.int64), self.info.attention_mask: mask}
+        self._run(feeds, lora, lora_key, logits, start, start + k)
         return np.asarray(logits[np.arange(k), lengths - 1], np.float32)
 
-    def decode(self, tokens: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray]) -> np.ndarray:
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray], lora_key: Any = None) -> np.ndarray:
         """One token for each of rows ``[0, n)``: ``tokens[i]`` is row i's next input, ``lengths[i]``
-        its cached positions. Returns logits ``[n, vocab]`` (float32)."""
+        its cached positions. Returns logits ``[n, vocab]`` (float32). ``lora_key`` names the
+        contents of ``lora`` (equal keys = equal feeds), so their OrtValues are made once."""
         n = len(tokens)
         totals = lengths.astype(np.int64) + 1
         width = int(totals.max())
@@ -317,35 +321,74 @@ class ModelRunner:
         mask = (np.arange(width, dtype=np.int64)[None, :] < totals[:, None]).astype(np.int64)
         logits = np.empty((n, 1, self.info.vocab_size), self.dtype)
         feeds = {self.info.input_ids: np.ascontiguousarray(tokens, np.int64).reshape(n, 1),
-                 self.info.attention_mask: mask, **lora}
-        self._run(feeds, logits, 0, n)
+                 self.info.attention_mask: mask}
+        self._run(feeds, lora, lora_key, logits, 0, n)
         return np.asarray(logits[:, 0], np.float32)
 
-    def _run(self, feeds: dict[str, np.ndarray], logits: np.ndarray, start: int, end: int) -> None:
+    def forget(self, keys: set[Any]) -> None:
+        """Drop cached feeds that hold any of the adapter ``keys`` (they were unloaded)."""
+        for key in [k for k in self._static if isinstance(k[2], tuple) and keys & set(k[2])]:
+            del self._static[key]
+        if self.bank is not None:
+            for key in keys:
+                self.bank.forget(key)
+
+    def _run(self, feeds: dict[str, np.ndarray], lora: dict[str, np.ndarray], lora_key: Any, logits: np.ndarray,
+             start: int, end: int) -> None:
         """Run the graph with past and present key/values bound to the SAME cache rows ``[start, end)``
         and the logits written into ``logits``. onnxruntime's IOBinding cannot bind inputs that have
         a default (the LoRA inputs), so this goes through ``run_with_ortvaluevector`` with
-        preallocated fetches, as onnxruntime-genai's C++ Run call does."""
+        preallocated fetches, as onnxruntime-genai's C++ Run call does. The OrtValues of the cache
+        views and of the LoRA feeds are made once per (rows, cache, adapters) and reused."""
         C, ort = self._capi, self._ort
-        names = list(feeds)
-        values = C.OrtValueVector()
-        values.reserve(len(names) + 2 * self.info.num_layers * 2)
-        for name in names:
-            values.push_back(ort.OrtValue.ortvalue_from_numpy(feeds[name])._ortvalue)
-        fetch_names = [self.info.logits]
-        fetches = C.OrtValueVector()
-        fetches.push_back(ort.OrtValue.ortvalue_from_numpy(logits)._ortvalue)
-        keep = [feeds]  # the OrtValues borrow these arrays' memory until the run returns
+        if self._static_version != self.cache.version:
+            self._static.clear()  # they hold views of the old cache buffers
+            self._static_version = self.cache.version
+        key = (start, end, lora_key)
+        static = self._static.get(key)
+        if static is None or lora_key is None:
+            static = self._static_values(lora, start, end)
+            if lora_key is not None:
+                if len(self._static) >= 16:
+                    self._static.pop(next(iter(self._static)))
+                self._static[key] = static
+        names, values, fetch_names, fetches, _keep = static
+        feed_names = list(feeds) + names
+        vector = C.OrtValueVector()
+        vector.reserve(len(feed_names))
+        dynamic = [ort.OrtValue.ortvalue_from_numpy(value) for value in feeds.values()]
+        for value in dynamic:
+            vector.push_back(value._ortvalue)
+        for value in values:
+            vector.push_back(value)
+        out = C.OrtValueVector()
+        out.reserve(len(fetch_names) + 1)
+        logits_value = ort.OrtValue.ortvalue_from_numpy(logits)
+        out.push_back(logits_value._ortvalue)
+        for value in fetches:
+            out.push_back(value)
+        self.session._sess.run_with_ortvaluevector(self._run_options, feed_names, vector, [self.info.logits, *fetch_names],
+                                                   out, [self._cpu] * (len(fetch_names) + 1))
+
+    def _static_values(self, lora: dict[str, np.ndarray], start: int, end: int) -> tuple[Any, ...]:
+        ort = self._ort
+        names: list[str] = []
+        values: list[Any] = []
+        fetch_names: list[str] = []
+        fetches: list[Any] = []
+        keep: list[Any] = []  # the OrtValues borrow these arrays' memory
+        for name, array in lora.items():
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            keep.append(value)
+            names.append(name)
+            values.append(value._ortvalue)
         for layer in range(self.info.num_layers):
             for buffers, past, present in ((self.cache.keys, self.info.past_key, self.info.present_key),
                                            (self.cache.values, self.info.past_value, self.info.present_value)):
-                view = buffers[layer][start:end]
-                keep.append(view)
-                value = ort.OrtValue.ortvalue_from_numpy(view)._ortvalue
+                value = ort.OrtValue.ortvalue_from_numpy(buffers[layer][start:end])
+                keep.append(value)
                 names.append(past % layer)
-                values.push_back(value)
+                values.append(value._ortvalue)
                 fetch_names.append(present % layer)
-                fetches.push_back(value)
-        self.session._sess.run_with_ortvaluevector(self._run_options, names, values, fetch_names, fetches,
-                                                   [self._cpu] * len(fetch_names))
-        del keep
+                fetches.append(value._ortvalue)
+        return names, values, fetch_names, fetches, keep

@@ -1,0 +1,47 @@
+"""Synthetic .onnx_adapter files of a chosen rank and module set, in a bundle's adapter ABI.
+
+Speed depends on an adapter's shapes, not on its trained values, so benchmarks that need more
+adapters than a bundle ships (e.g. 4 different ranks/modules) make them here. The values are
+small random numbers; files are marked synthetic in every results JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def synthetic_adapter(template: Any, modules: list[str], rank: int, path: Path, seed: int = 0, scale: float = 0.02) -> Path:
+    """Write an adapter with LoRA rank ``rank`` on ``modules`` (PEFT names, e.g. ["o_proj", "down_proj"])
+    laid out as the bundle's ``template`` (LoraTemplate) packs them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    dtype = np.float16 if template.dtype == "float16" else np.float32
+    shapes = {i.name: i.shape for i in template.inputs}
+    arrays: dict[str, Any] = {}
+    for name, shape in shapes.items():
+        if ".lora_A." not in name:
+            continue
+        projection = name.split(".lora_A.")[0].rsplit(".", 1)[-1]
+        members = template.projections.get(projection, [])
+        chosen = [m for m in members if m.module in modules]
+        if not chosen:
+            continue
+        in_dim, out_dim = int(shape[0]), int(shapes[name.replace(".lora_A.", ".lora_B.")][1])
+        a = (rng.standard_normal((in_dim, rank * len(chosen))) * scale).astype(dtype)
+        b = np.zeros((rank * len(chosen), out_dim), dtype)
+        for i, member in enumerate(chosen):
+            b[i * rank:(i + 1) * rank, member.offset:member.offset + member.size] = \
+                (rng.standard_normal((rank, member.size)) * scale).astype(dtype)
+        arrays[name] = a
+        arrays[name.replace(".lora_A.", ".lora_B.")] = b
+    if not arrays:
+        raise ValueError(f"the bundle has no LoRA inputs for {modules}")
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(path))
+    return path
