@@ -102,6 +102,7 @@ def test_batched_prefill_and_decode_equal_onnxruntime_genai(tiny_bundle: Path, r
     """fp32: every row of a mixed batch (short prompts prefilled together, a long one in chunks)
     gives exactly onnxruntime-genai's greedy tokens for that request alone."""
     from slmops_serve.engine import Engine, GenerationRequest
+
     from tests.serve.conftest import make_config
 
     engine = Engine(make_config(tiny_bundle, max_batch=6, prefill_chunk=16))
