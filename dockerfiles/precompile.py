@@ -5,10 +5,11 @@ tens of MB (the serve image) or minutes of build time (torch) for code that neve
 the modules a stage runs writes ``__pycache__`` for exactly that closure, so the first start in the
 container does not compile anything (the venv is root-owned: the server's user could not cache it).
 
-    python precompile.py MODULE[:ATTR]... [!FORBIDDEN...]
+    python precompile.py MODULE[:ATTR]... [?OPTIONAL...] [!FORBIDDEN...]
 
 ``MODULE:ATTR`` also reads the attribute (transformers' lazy ``transformers:Trainer`` imports the
-trainer's modules).
+trainer's modules). ``?MODULE`` is imported only when it is installed (a dependency that the
+extra may or may not hold: the installed set comes from pyproject's extra, not from this list).
 
 Fails (exit 1) when a module does not import or a ``!FORBIDDEN`` module got imported along the way
 (the serve image proves it never imports torch, transformers or peft).
@@ -17,12 +18,14 @@ Fails (exit 1) when a module does not import or a ``!FORBIDDEN`` module got impo
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 
 def main(args: list[str]) -> int:
     forbidden = [a[1:] for a in args if a.startswith("!")]
-    modules = [a for a in args if not a.startswith("!")]
+    modules = [a for a in args if not a.startswith(("!", "?"))]
+    modules += [a[1:] for a in args if a.startswith("?") and importlib.util.find_spec(a[1:].partition(":")[0]) is not None]
     sys.dont_write_bytecode = False
     for spec in modules:
         name, _, attr = spec.partition(":")

