@@ -76,11 +76,12 @@ def prepare_adapters(bundle: Path, manifest: Any, workdir: Path, want: int = 4) 
     first_name, first = next(iter(adapters.items()))
     fmt = ort.AdapterFormat.read_adapter(str(first["file"]))
     arrays = {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
+    del fmt
     rng = np.random.default_rng(0)
     i = 0
-    while len(adapters) < want:
+    while len(adapters) < want + 1:  # + the first one's twin (same shapes) for the alternating ratio
         i += 1
-        name = f"{first_name}-synthetic{i}"
+        name = f"{first_name}-twin" if i == 1 else f"{first_name}-synthetic{i - 1}"
         perturbed = {k: (v * (1 + 0.05 * rng.standard_normal(v.shape))).astype(v.dtype) for k, v in arrays.items()}
         out = ort.AdapterFormat()
         out.set_adapter_version(1)
@@ -92,11 +93,12 @@ def prepare_adapters(bundle: Path, manifest: Any, workdir: Path, want: int = 4) 
 
 
 class ServerProcess:
-    def __init__(self, bundle: Path, adapter_dir: Path, threads: int | None, workers: int, log: Path) -> None:
+    def __init__(self, bundle: Path, adapter_dir: Path, threads: int | None, log: Path, extra: list[str] | None = None) -> None:
         self.port = free_port()
+        # no tuning flags: the server's defaults are what is measured (plus room for long requests)
         args = [sys.executable, "-m", "slmops.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", str(self.port),
-                "--no-metrics", "--workers", str(workers), "--max-queue", "64", "--adapter-dir", str(adapter_dir),
-                "--max-new-tokens-limit", "4096", "--log-level", "WARNING"]
+                "--no-metrics", "--max-queue", "64", "--adapter-dir", str(adapter_dir),
+                "--max-new-tokens-limit", "4096", "--log-level", "WARNING", *(extra or [])]
         if threads:
             args += ["--threads", str(threads)]
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
@@ -177,12 +179,13 @@ class InProcess:
                 "ttft_ms": (first - started) * 1000, "text": text}  # type: ignore[dict-item]
 
 
-def stream_once(client: Any, prompt: str, adapter: str, max_new_tokens: int) -> dict[str, Any]:
+def stream_once(client: Any, prompt: str, adapter: str, max_new_tokens: int, forced: bool = False) -> dict[str, Any]:
+    """One GenerateStream; ``forced``: exactly max_new_tokens (end-of-sequence suppressed), for equal work."""
     started = time.perf_counter()
     first = None
     text, last = [], None
     for chunk in client.generate_stream(messages=[{"role": "user", "content": prompt}], adapter=adapter,
-                                        max_new_tokens=max_new_tokens):
+                                        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if forced else 0):
         if first is None:
             first = time.perf_counter()
         text.append(chunk.text)
@@ -231,7 +234,8 @@ def bench_hf(model_path: str, adapter_dir: Path, threads: int, max_new_tokens: i
         model.generate(**ids, max_new_tokens=4, do_sample=False)  # warm-up
         for _ in range(reps):
             started = time.perf_counter()
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+            # forced length: the same token count as the served stream it is compared with
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
             seconds = time.perf_counter() - started
             tokens = int(out.shape[1] - ids["input_ids"].shape[1])
             runs.append({"tokens": tokens, "tok_s": tokens / seconds})
@@ -240,6 +244,8 @@ def bench_hf(model_path: str, adapter_dir: Path, threads: int, max_new_tokens: i
 
 
 def bench_alternating(client: Any, names: list[str], max_new_tokens: int, reps: int, per_seq: int = 8) -> dict[str, Any]:
+    """``names[0]`` alone vs alternating ``names[0]`` / ``names[1]``: pass two adapters of equal
+    shape (a twin), so the ratio measures the switch, not a slower adapter; lengths are forced."""
     one, alternating = [], []
     for _ in range(reps):
         for mode, sink in (("one", one), ("alt", alternating)):
@@ -247,7 +253,7 @@ def bench_alternating(client: Any, names: list[str], max_new_tokens: int, reps: 
             tokens = 0
             for i in range(per_seq):
                 adapter = names[0] if mode == "one" else names[i % 2]
-                tokens += stream_once(client, PROMPT, adapter, max_new_tokens)["tokens"]
+                tokens += stream_once(client, PROMPT, adapter, max_new_tokens, forced=True)["tokens"]
             sink.append(tokens / (time.perf_counter() - started))
     o, a = statistics.median(one), statistics.median(alternating)
     return {"adapters": names[:2], "requests_per_sequence": per_seq, "reps": reps, "one_adapter_tok_s": round(o, 2),
@@ -305,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads everywhere (default: the bundle's)")
-    parser.add_argument("--workers", type=int, default=2, help="server generation workers")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--load-reps", type=int, default=100)
@@ -326,14 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or session_threads(model_dir, None) or 1
     workdir = Path(tempfile.mkdtemp(prefix="slmops-bench-serve-"))
     report: dict[str, Any] = {"bundle": str(bundle), "target": manifest.target.model_dump(),
-                              "base_model": manifest.base_model.name, "threads": threads, "workers": args.workers,
+                              "base_model": manifest.base_model.name, "threads": threads,
                               "max_new_tokens": args.max_new_tokens, "versions": versions(),
                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (workdir / "adapters").mkdir()
     adapters = prepare_adapters(bundle, manifest, workdir / "adapters")
-    names = list(adapters)
+    names = [n for n in adapters if not n.endswith("-twin")]
+    twin = f"{names[0]}-twin"
     report["adapters"] = {n: {"synthetic": a["synthetic"], "bytes": a["file"].stat().st_size} for n, a in adapters.items()}
-    server = ServerProcess(bundle, workdir / "adapters", threads, args.workers, workdir / "server.log")
+    server = ServerProcess(bundle, workdir / "adapters", threads, workdir / "server.log")
     try:
         with SlmopsClient(f"127.0.0.1:{server.port}", timeout=600) as client:
             server.wait_ready(client)
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             report["stream_vs_inprocess_base"] = bench_vs_inprocess(client, inproc, "", args.max_new_tokens, args.reps)
             del inproc
             print("[2/4] alternating adapters vs one adapter; adapter load latency", flush=True)
-            report["alternating_adapters"] = bench_alternating(client, names, args.max_new_tokens, args.reps)
+            report["alternating_adapters"] = bench_alternating(client, [names[0], twin], args.max_new_tokens, args.reps)
             report["adapter_load"] = bench_load(client, [adapters[n]["file"] for n in names[:2]], args.load_reps)
             print("[3/4] concurrent streams over 4 adapters", flush=True)
             levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -362,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     hf = bench_hf(manifest.build.get("model_path") or "default", adapter_dir, threads, args.max_new_tokens,
                                   max(2, args.reps // 2))
-                    served = stream_once(client, PROMPT, names[0], args.max_new_tokens)
-                    stream_tps = statistics.median([served["tok_s"], report["stream_vs_inprocess"]["stream_tok_s"]])
+                    served = [stream_once(client, PROMPT, names[0], args.max_new_tokens, forced=True)
+                              for _ in range(max(2, args.reps // 2))]
+                    assert all(r["tokens"] == hf["tokens"] for r in served), "unequal work"
+                    stream_tps = statistics.median(r["tok_s"] for r in served)
                     report["vs_transformers_peft"] = {**hf, "stream_tok_s": round(stream_tps, 2),
                                                       "ratio": round(stream_tps / hf["tok_s"], 3), "goal": ">= 4"}
     finally:

@@ -152,6 +152,8 @@ class LoraBank:
                 self._pairs.setdefault(projection, []).append((item.name, item.name.replace(".lora_A.", ".lora_B.")))
         self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, np.ndarray], dict[str, list[tuple[int, int]]]]] = OrderedDict()
         self._cache_size = cache_size
+        self._weights: dict[Any, int] = {}  # adapter key -> sum of its ranks
+        self._cached_weight: dict[tuple[Any, ...], int] = {}
         self._ones = np.ones((1, 1, 1), dtype)
 
     def ranks(self, tensors: dict[str, np.ndarray]) -> dict[str, int]:
@@ -163,17 +165,17 @@ class LoraBank:
 
     def feeds(self, row_adapters: Sequence[tuple[Any, dict[str, np.ndarray]] | None]) -> dict[str, np.ndarray]:
         """Graph feeds for rows ``[0, n)``: ``row_adapters[i]`` is ``(key, tensors)`` or None (base model)."""
-        keys: list[Any] = []
         tensors_of: dict[Any, dict[str, np.ndarray]] = {}
         for item in row_adapters:
-            if item is not None and item[0] not in tensors_of:
-                keys.append(item[0])
-                tensors_of[item[0]] = item[1]
-        if not keys:
+            if item is not None:
+                tensors_of.setdefault(item[0], item[1])
+        if not tensors_of:
             return {}
-        concat, segments = self._concatenated(tuple(keys), tensors_of)
+        keys, concat, segments = self._concatenated(tensors_of)
         feeds = dict(concat)
-        shared = all(item is not None and item[0] == keys[0] for item in row_adapters)
+        first = next(iter(tensors_of))
+        shared = len(keys) == 1 and all(item is not None and item[0] == first for item in row_adapters)
+        index = {key: i for i, key in enumerate(keys)}
         for projection, mask_name in self.template.row_masks.items():
             spans = segments.get(projection)
             if not spans or spans[-1][1] == 0:
@@ -182,7 +184,6 @@ class LoraBank:
                 feeds[mask_name] = self._ones  # broadcasts: every row takes every column
                 continue
             mask = np.zeros((len(row_adapters), 1, spans[-1][1]), self.dtype)
-            index = {key: i for i, key in enumerate(keys)}
             for row, item in enumerate(row_adapters):
                 if item is not None:
                     start, end = spans[index[item[0]]]
@@ -190,15 +191,32 @@ class LoraBank:
             feeds[mask_name] = mask
         return feeds
 
-    def _concatenated(self, keys: tuple[Any, ...], tensors_of: dict[Any, dict[str, np.ndarray]]
-                      ) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[int, int]]]]:
-        cached = self._cache.get(keys)
-        if cached is not None:
-            self._cache.move_to_end(keys)
-            return cached
+    def _weight(self, key: Any, tensors: dict[str, np.ndarray]) -> int:
+        weight = self._weights.get(key)
+        if weight is None:
+            weight = self._weights[key] = sum(self.ranks(tensors).values())
+        return weight
+
+    def _concatenated(self, tensors_of: dict[Any, dict[str, np.ndarray]]
+                      ) -> tuple[tuple[Any, ...], dict[str, np.ndarray], dict[str, list[tuple[int, int]]]]:
+        """The concatenation of a step's adapters, or a cached one that holds them all and not much
+        more (a row that left keeps its columns until a new adapter joins: no copy per departure)."""
+        wanted = set(tensors_of)
+        need = sum(self._weight(k, t) for k, t in tensors_of.items())
+        best: tuple[Any, ...] | None = None
+        for cached_keys in self._cache:
+            weight = self._cached_weight[cached_keys]
+            fits = wanted <= set(cached_keys) and (len(cached_keys) == len(wanted) or weight <= 1.5 * need + 8)
+            if fits and (best is None or weight < self._cached_weight[best]):
+                best = cached_keys
+        if best is not None:
+            self._cache.move_to_end(best)
+            return (best, *self._cache[best])
+        keys = tuple(sorted(tensors_of, key=str))
         feeds: dict[str, np.ndarray] = {}
         segments: dict[str, list[tuple[int, int]]] = {}
         ranks = [self.ranks(tensors_of[k]) for k in keys]
+        self._cached_weight[keys] = need
         for projection, pairs in self._pairs.items():
             widths = [r[projection] for r in ranks]
             total = sum(widths)
@@ -226,13 +244,16 @@ class LoraBank:
                 feeds[a_name], feeds[b_name] = a_cat, b_cat
         self._cache[keys] = (feeds, segments)
         while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return feeds, segments
+            dropped, _ = self._cache.popitem(last=False)
+            self._cached_weight.pop(dropped, None)
+        return keys, feeds, segments
 
     def forget(self, key: Any) -> None:
         """Drop cached concatenations that hold adapter ``key`` (it was unloaded)."""
         for keys in [k for k in self._cache if key in k]:
             del self._cache[keys]
+            self._cached_weight.pop(keys, None)
+        self._weights.pop(key, None)
 
 
 class ModelRunner:

@@ -1,0 +1,257 @@
+"""Continuous batching on a real bundle, through `slmops serve BUNDLE` with no tuning flags.
+
+    .venv/bin/python bench/bench_batching.py dist/bundles/cpu --out bench/results/batching_cpu.json
+
+Measures, in ONE run, every configuration interleaved round by round (warm-up first, the
+server's threads as the bundle sets them):
+  1. aggregate decode tok/s of 1, 4 and 8 concurrent streams, each forced to the same length and
+     prompt, with no adapter, all on one adapter, and mixed over 4 adapters of different ranks and
+     modules (the bundle's, plus synthetic ones up to 4); ratios against 1 stream of the same mix
+     (for the mix: one stream at a time cycling through the 4 adapters). Goals: >= 2.0x at 4, >= 2.6x at 8;
+  2. a lone stream against onnxruntime-genai's og.Generator in-process on the same bundle (the
+     engine the server used before; no gRPC on its side): goal >= 0.97x, with and without adapter;
+  3. time to first token of a request arriving while 4 streams decode, against idle: goal <= 2x;
+  4. the longest gap between tokens of running streams while a long prompt is prefilled, beside
+     the time of one prefill chunk.
+Results and the load average go to JSON; compare only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import REPO, ServerProcess, pct, versions  # noqa: E402
+from synthetic import synthetic_adapter  # noqa: E402
+
+PROMPT = "Write a short story about a robot who learns to paint."
+GOALS = {"x4": 2.0, "x8": 2.6, "single_vs_og": 0.97, "ttft_busy_vs_idle": 2.0}
+EXTRA = {"od4": (["o_proj", "down_proj"], 4), "gu32": (["gate_proj", "up_proj"], 32),
+         "qv8": (["q_proj", "v_proj"], 8), "all16": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"], 16)}
+
+
+def timed_stream(client: Any, adapter: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    """One forced-length GenerateStream; client-side times of send, first and every later chunk."""
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    last = None
+    for chunk in client.generate_stream(prompt, adapter=adapter, max_new_tokens=tokens, min_new_tokens=tokens):
+        stamps.append(time.perf_counter())
+        last = chunk
+    assert last is not None and last.usage.completion_tokens == tokens, "unequal work"
+    return {"sent": sent, "first": stamps[0], "end": stamps[-1], "stamps": stamps, "tokens": tokens,
+            "server_decode_tps": last.timings.decode_tokens_per_second}
+
+
+def run_streams(client: Any, adapters: list[str], tokens: int) -> dict[str, Any]:
+    """len(adapters) concurrent streams (stream i on adapters[i]); aggregate tok/s over the wall time."""
+    with ThreadPoolExecutor(len(adapters)) as pool:
+        records = list(pool.map(lambda a: timed_stream(client, a, tokens), adapters))
+    wall = max(r["end"] for r in records) - min(r["sent"] for r in records)
+    return {"tok_s": sum(r["tokens"] for r in records) / wall, "ttft_ms": [(r["first"] - r["sent"]) * 1000 for r in records]}
+
+
+def run_sequential(client: Any, adapters: list[str], tokens: int) -> float:
+    """One stream at a time over ``adapters``: the single-stream figure of a mix."""
+    started = time.perf_counter()
+    for adapter in adapters:
+        timed_stream(client, adapter, tokens)
+    return len(adapters) * tokens / (time.perf_counter() - started)
+
+
+class OgSingle:
+    """onnxruntime-genai in-process, one og.Generator per request (the server's engine before batching)."""
+
+    def __init__(self, model_dir: Path, threads: int, adapters: dict[str, Path]) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = og.Adapters(self.model)
+        for name, path in adapters.items():
+            self.adapters.load(str(path), name)
+
+    def decode_tps(self, adapter: str, tokens: int) -> float:
+        og = self.og
+        ids = self.tokenizer.encode(PROMPT)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
+        generator = og.Generator(self.model, params)
+        if adapter:
+            generator.set_active_adapter(self.adapters, adapter)
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        first = time.perf_counter()
+        produced = 1
+        while not generator.is_done() and produced < tokens:
+            generator.generate_next_token()
+            produced += 1
+        seconds = time.perf_counter() - first
+        del generator
+        return (produced - 1) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--tokens", type=int, default=96, help="forced tokens per stream")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--long-prompt-tokens", type=int, default=1500)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "batching.json")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+    from slmops_serve.client import SlmopsClient
+    from slmops_serve.engine import session_threads
+
+    from slmops.bundle import read_manifest
+
+    console = Console(stderr=True)
+    bundle = args.bundle.resolve()
+    manifest = read_manifest(bundle)
+    model_dir = bundle / manifest.model_dir
+    threads = session_threads(model_dir, None) or 1
+    levels = [int(x) for x in args.streams.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="slmops-bench-batching-"))
+    adapter_dir = workdir / "adapters"
+    adapter_dir.mkdir()
+    files: dict[str, Path] = {}
+    synthetic: dict[str, bool] = {}
+    for name, info in manifest.adapters.items():
+        files[name] = Path(shutil.copy(bundle / info.file, adapter_dir / f"{name}.onnx_adapter"))
+        synthetic[name] = False
+    for name, (modules, rank) in EXTRA.items():
+        if len(files) >= 4:
+            break
+        files[name] = synthetic_adapter(manifest.lora_template, modules, rank, adapter_dir / f"{name}.onnx_adapter")
+        synthetic[name] = True
+    mix = list(files)[:4]
+    one = mix[0]
+    report: dict[str, Any] = {
+        "bundle": str(bundle), "target": manifest.target.model_dump(), "threads": threads, "tokens": args.tokens,
+        "rounds": args.rounds, "prompt": PROMPT, "server_flags": "defaults (no tuning flags)",
+        "adapters": {n: {"synthetic": synthetic[n], "bytes": files[n].stat().st_size} for n in mix},
+        "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_before": list(os.getloadavg()), "goals": GOALS}
+    server = ServerProcess(bundle, adapter_dir, None, workdir / "server.log")
+    try:
+        with SlmopsClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+            server.wait_ready(client)
+            for name in mix:
+                if synthetic[name]:
+                    client.load_adapter(name, path=files[name].name)
+            og_single = OgSingle(model_dir, threads, {n: files[n] for n in mix})
+            console.print("warm-up")
+            for adapters in ([""], [one], mix, mix * 2):
+                run_streams(client, adapters, 16)
+            og_single.decode_tps(one, 16)
+            mixes = {"none": lambda n: [""] * n, "one": lambda n: [one] * n, "mixed": lambda n: [mix[i % 4] for i in range(n)]}
+            samples: dict[str, list[float]] = {}
+            ttft: dict[str, list[float]] = {}
+            for r in range(args.rounds):
+                console.print(f"round {r + 1}/{args.rounds}: streams {levels} x {list(mixes)}; og.Generator")
+                for mix_name, make in mixes.items():
+                    for level in levels:
+                        key = f"{mix_name}@{level}"
+                        if level == 1 and mix_name == "mixed":
+                            samples.setdefault(key, []).append(run_sequential(client, mix, args.tokens))
+                            continue
+                        result = run_streams(client, make(level), args.tokens)
+                        samples.setdefault(key, []).append(result["tok_s"])
+                        ttft.setdefault(key, []).extend(result["ttft_ms"])
+                # a lone stream's decode rate, server (its own measure) vs og in-process, interleaved
+                for adapter in ("", one):
+                    label = adapter or "none"
+                    served = timed_stream(client, adapter, args.tokens)
+                    samples.setdefault(f"server_decode@{label}", []).append(
+                        (args.tokens - 1) / (served["end"] - served["first"]))
+                    samples.setdefault(f"og_decode@{label}", []).append(og_single.decode_tps(adapter, args.tokens))
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            report["tok_s"] = {k: round(v, 2) for k, v in med.items()}
+            report["tok_s_all"] = {k: [round(x, 2) for x in v] for k, v in samples.items()}
+            ratios: dict[str, float] = {}
+            for mix_name in mixes:
+                for level in levels[1:]:
+                    ratios[f"{mix_name}@{level}"] = round(med[f"{mix_name}@{level}"] / med[f"{mix_name}@1"], 3)
+            for label in ("none", one):
+                ratios[f"single_vs_og@{label}"] = round(med[f"server_decode@{label}"] / med[f"og_decode@{label}"], 3)
+
+            console.print("time to first token: idle vs 4 busy streams")
+            idle_ms, busy_ms = [], []
+            for _ in range(5):
+                probe = timed_stream(client, one, 4)
+                idle_ms.append((probe["first"] - probe["sent"]) * 1000)
+            stop = threading.Event()
+
+            def keep_busy(adapter: str) -> None:
+                while not stop.is_set():
+                    timed_stream(client, adapter, args.tokens)
+
+            with ThreadPoolExecutor(4) as pool:
+                busy = [pool.submit(keep_busy, mix[i % 4]) for i in range(4)]
+                time.sleep(1.0)
+                for _ in range(5):
+                    probe = timed_stream(client, one, 4)
+                    busy_ms.append((probe["first"] - probe["sent"]) * 1000)
+                    time.sleep(0.2)
+                stop.set()
+                for f in busy:
+                    f.result()
+            report["ttft_ms"] = {"idle_p50": round(pct(idle_ms, 50), 2), "busy4_p50": round(pct(busy_ms, 50), 2),
+                                 "idle": [round(x, 2) for x in idle_ms], "busy4": [round(x, 2) for x in busy_ms],
+                                 "concurrent_streams_p50": {k: round(pct(v, 50), 2) for k, v in ttft.items()}}
+            ratios["ttft_busy_vs_idle"] = round(pct(busy_ms, 50) / pct(idle_ms, 50), 3)
+
+            console.print("a long prompt arriving while 4 streams decode")
+            long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * (args.long_prompt_tokens // 10))
+            with ThreadPoolExecutor(5) as pool:
+                running = [pool.submit(timed_stream, client, mix[i % 4], args.tokens * 2) for i in range(4)]
+                time.sleep(0.5)
+                started = time.perf_counter()
+                long_run = pool.submit(timed_stream, client, one, 4, long_prompt).result()
+                records = [f.result() for f in running]
+            window = (started, long_run["first"])
+            gaps = [b - a for r in records for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)
+                    if window[0] <= b <= window[1] + 0.05]
+            normal = [b - a for r in records for a, b in zip(r["stamps"], r["stamps"][1:], strict=False) if b < window[0]]
+            report["long_prompt"] = {"prompt_chars": len(long_prompt), "prefill_wall_ms": round((window[1] - window[0]) * 1000, 1),
+                                     "max_gap_ms_during": round(max(gaps) * 1000, 1) if gaps else None,
+                                     "gap_ms_p50_before": round(pct(normal, 50) * 1000, 1) if normal else None,
+                                     "streams_running": 4}
+    finally:
+        report["server_exit_code"] = server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["ratios"] = ratios
+    report["load_average_after"] = list(os.getloadavg())
+    report["goals_met"] = {
+        **{k: v >= (GOALS["x4"] if k.endswith("@4") else GOALS["x8"]) for k, v in ratios.items() if "@" in k and "og" not in k},
+        **{k: v >= GOALS["single_vs_og"] for k, v in ratios.items() if k.startswith("single_vs_og")},
+        "ttft_busy_vs_idle": ratios["ttft_busy_vs_idle"] <= GOALS["ttft_busy_vs_idle"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"tok_s": report["tok_s"], "ratios": ratios, "ttft_ms": {k: report["ttft_ms"][k] for k in
+                                                                              ("idle_p50", "busy4_p50")},
+                      "long_prompt": report["long_prompt"], "goals_met": report["goals_met"]}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
