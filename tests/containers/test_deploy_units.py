@@ -95,7 +95,7 @@ def test_corrupt_bundle_is_refused_before_anything_moves(tmp_path: Path) -> None
     manifest = {"schema_version": 1, "created_at": "x", "target": {"name": "cpu", "execution_provider": "cpu",
                 "precision": "fp32", "adapter_dtype": "float32"},
                 "base_model": {"name": "m", "source": "s", "sha256": "0"}, "files": {"model/model.onnx": "0" * 64},
-                "lora_template": {"abi_version": 2, "modules": [], "num_layers": 0, "dtype": "float32", "inputs": []}}
+                "lora_template": {"abi_version": 3, "modules": [], "num_layers": 0, "dtype": "float32", "inputs": []}}
     (bundle / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(SlmopsUsageError) as info:
         check_bundle(bundle)

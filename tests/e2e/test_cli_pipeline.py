@@ -52,7 +52,7 @@ def test_train_build_verify_serve_generate(tiny_model_dir: Path, tiny_data: dict
                     "--output_path", str(bundle)], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((bundle / "bundle.json").read_text())
-    assert manifest["lora_template"]["abi_version"] == 2 and manifest["target"]["precision"] == "int4"
+    assert manifest["lora_template"]["abi_version"] == 3 and manifest["target"]["precision"] == "int4"
     assert manifest["validation"]["passed"]
     proc = run_cli(["bundle", "verify", str(bundle)], env=env)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
