@@ -104,7 +104,8 @@ def _fmt(value: Any) -> str:
 @click.option("--validate_max_new_tokens", type=int, default=None, help="tokens generated per validation row")
 @click.option("--max_accuracy_drop", type=float, default=None, help="fail above this accuracy/ROUGE-L drop in points (default 3)")
 @click.option("--max_ppl_increase", type=float, default=None, help="fail above this perplexity increase in percent (default 10)")
-def build_command(config_path: Path | None, **options: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, default=None, help="print the bundle's manifest (bundle.json) as JSON on stdout")
+def build_command(config_path: Path | None, as_json: bool | None = None, **options: Any) -> None:
     """Build a multi-adapter ONNX bundle: model/, adapters/<name>.onnx_adapter, bundle.json.
 
     Example: slmops build --target cpu --adapter tone=runs/tone --adapter extract=runs/extract
@@ -146,4 +147,11 @@ def build_command(config_path: Path | None, **options: Any) -> None:
         sys.exit(1)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from exc
+    if as_json:
+        import json
+
+        from slmops.bundle import read_manifest
+
+        click.echo(json.dumps({"bundle": str(out), **read_manifest(out).model_dump()}, indent=2, default=str))
+        return
     print_summary(out, summary_console())

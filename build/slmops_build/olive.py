@@ -71,29 +71,6 @@ def _check_common(options: dict[str, Any]) -> None:
         raise SlmopsUsageError("--task", f"'{task}' is not supported: slmops builds causal LMs ({', '.join(TASKS)})")
 
 
-def check_target_conflicts(options: dict[str, Any]) -> None:
-    """``--target``, ``--device`` and ``--provider`` that name different targets are refused (not resolved
-    silently by precedence)."""
-    from slmops.targets import PROVIDER_TO_TARGET, TARGETS
-
-    target, device, provider = options.get("target"), options.get("device"), options.get("provider")
-    if target in TARGETS:
-        base, said = TARGETS[str(target)], f"--target {target}"
-    elif provider in PROVIDER_TO_TARGET:
-        base, said = TARGETS[PROVIDER_TO_TARGET[str(provider)]], f"--provider {provider}"
-    else:
-        return  # an unknown name gets its own error from the build
-    clashes = []
-    if provider and provider != base.provider:
-        clashes.append(f"--provider {provider}")
-    if device and device != ("cpu" if base.execution_provider == "cpu" else "gpu"):
-        clashes.append(f"--device {device}")
-    if clashes:
-        raise SlmopsUsageError(clashes[0].split()[0], f"{' and '.join(clashes)} contradict{'s' if len(clashes) == 1 else ''} "
-                               f"{said} (target {base.name}: {base.provider}); pass only one of them "
-                               "(`slmops targets` lists the targets)")
-
-
 def _no_onnx_model(path: str | None, option: str) -> None:
     if path and Path(path).is_dir() and any(Path(path).glob("*.onnx")):
         raise SlmopsUsageError(option, f"'{path}' is an ONNX model; slmops builds from the PyTorch base model and "
@@ -101,7 +78,6 @@ def _no_onnx_model(path: str | None, option: str) -> None:
 
 
 def _run_build(options: dict[str, Any]) -> Any:
-    check_target_conflicts(options)
     config_path = options.pop("config_path", None)
     return build_command.callback(config_path=config_path, **options)  # type: ignore[misc]
 

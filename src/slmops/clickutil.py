@@ -199,11 +199,31 @@ def _unknown_error(command: click.Command, ctx: click.Context, unknown: list[str
 _ADOPTED: dict[type, type] = {}
 
 
+def _underscored(opt: str) -> str:
+    """``--metrics-port`` -> ``--metrics_port`` (olive's style); ``--no-x`` keeps its ``--no-`` prefix."""
+    if not opt.startswith("--"):
+        return opt
+    body = opt[2:]
+    if body.startswith("no-"):
+        return "--no-" + body[3:].replace("-", "_")
+    return "--" + body.replace("-", "_")
+
+
+def _show_underscores(command: click.Command) -> None:
+    """Spell every long option of ``command`` the olive way in --help and completion; the dashed
+    spelling still parses (normalize_args maps both)."""
+    for param in command.params:
+        if isinstance(param, click.Option):
+            param.opts = list(dict.fromkeys(_underscored(o) for o in param.opts))
+            param.secondary_opts = list(dict.fromkeys(_underscored(o) for o in param.secondary_opts))
+
+
 def adopt(command: click.Command) -> click.Command:
     """Give ``command`` (and, for a group, the commands it returns) the OptionStyle behaviour."""
     cls = type(command)
     if isinstance(command, OptionStyle):
         return command
+    _show_underscores(command)
     if cls not in _ADOPTED:
         _ADOPTED[cls] = type(f"Slmops{cls.__name__}", (OptionStyle, cls), {})
     command.__class__ = _ADOPTED[cls]

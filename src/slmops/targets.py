@@ -82,6 +82,7 @@ DEVICE_TO_TARGET = {"cpu": "cpu", "gpu": "cuda"}
 def get_target(name: str | None = None, device: str | None = None, provider: str | None = None,
                precision: str | None = None) -> Target:
     """Resolve ``--target`` (or olive's ``--device``/``--provider``) and ``--precision``."""
+    target_name = name
     if name is None and provider is not None:
         if provider not in PROVIDER_TO_TARGET:
             raise SlmopsUsageError("--provider", f"'{provider}' is not one of {sorted(PROVIDER_TO_TARGET)}")
@@ -93,4 +94,15 @@ def get_target(name: str | None = None, device: str | None = None, provider: str
     name = name or "cpu"
     if name not in TARGETS:
         raise SlmopsUsageError("--target", f"unknown target '{name}'; choose one of {sorted(TARGETS)}")
-    return TARGETS[name].with_precision(precision)
+    target = TARGETS[name]
+    # --target/--device/--provider that name different targets are refused, not resolved by precedence
+    clashes = []
+    if provider is not None and provider != target.provider:
+        clashes.append(f"--provider {provider}")
+    if device is not None and device != ("cpu" if target.execution_provider == "cpu" else "gpu"):
+        clashes.append(f"--device {device}")
+    if clashes:
+        chosen = f"--target {name}" if target_name else f"--provider {provider}"
+        raise SlmopsUsageError(" and ".join(clashes), f"contradict{'s' if len(clashes) == 1 else ''} {chosen} "
+                               f"(target {target.name}: {target.provider}); pass only one of them (`slmops targets` lists them)")
+    return target.with_precision(precision)

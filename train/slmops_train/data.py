@@ -46,11 +46,46 @@ def parse_data_files(data_files: list[str]) -> tuple[str, dict[str, list[str]]]:
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise SlmopsUsageError("--data_files", f"'{file}' has an unknown extension; use .json, .jsonl, .csv or .parquet")
+        check_data_file(path, fmt)
         formats.add(fmt)
         by_split.setdefault(split or "train", []).append(str(path))
     if len(formats) > 1:
         raise SlmopsUsageError("--data_files", f"mixed formats {sorted(formats)}; convert the files to one format")
     return formats.pop(), by_split
+
+
+def check_data_file(path: Path, fmt: str) -> None:
+    """An empty file, or a json/jsonl file that is not JSON objects, named with its line and what is wrong
+    (instead of datasets' StopIteration / DatasetGenerationError)."""
+    option = "--data_files"
+    if path.stat().st_size == 0 or (fmt != "parquet" and not path.read_bytes()[:65536].strip()):
+        raise SlmopsUsageError(option, f"'{path}' is empty; it needs at least one row")
+    if fmt != "json":
+        return
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SlmopsUsageError(option, f"'{path}' line {number}, column {exc.colno}: not valid JSON "
+                                           f"({exc.msg}); each line must be one JSON object") from exc
+                if not isinstance(row, dict):
+                    raise SlmopsUsageError(option, f"'{path}' line {number}: a JSON {type(row).__name__}, not an "
+                                           "object; each line must be one JSON object like {\"phrase\": ..., \"tone\": ...}")
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise SlmopsUsageError(option, f"'{path}' line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})") from exc
+    rows = data if isinstance(data, list) else None
+    if rows is None or not all(isinstance(r, dict) for r in rows):
+        raise SlmopsUsageError(option, f"'{path}' must hold a JSON list of objects (rows), like "
+                               '[{"input": ..., "output": ...}]; for one object per line use .jsonl')
+    if not rows:
+        raise SlmopsUsageError(option, f"'{path}' is an empty list; it needs at least one row")
 
 
 def _load_split(config: TrainConfig, split: str, option: str) -> Any:
