@@ -79,6 +79,10 @@ def test_cli_bad_inputs_exit_2_naming_the_option(tmp_path: Path) -> None:
         (["deploy", "--bundle", str(tmp_path), "--port", "6000", "--metrics-port", "6000"], "--metrics-port"),
         (["deploy", "--bundle", str(tmp_path), "--registry", "not a registry"], "--registry"),
         (["deploy", "--bundle", str(tmp_path), "--env", "NOEQUALS"], "--env"),
+        (["deploy", "--bundle", str(tmp_path), "--memory", "lots"], "--memory"),
+        (["deploy", "--bundle", str(tmp_path), "--cpus", "0"], "--cpus"),
+        (["deploy", "--bundle", str(tmp_path), "--log-max-size", "1x"], "--log-max-size"),
+        (["deploy", "--bundle", str(tmp_path), "--log-max-files", "0"], "--log-max-files"),
     ]
     for args, option in cases:
         proc = run_slmops(args, env={"SLMOPS_DEPLOY_STATE": str(tmp_path / "s.json")}, timeout=60)
@@ -100,3 +104,19 @@ def test_corrupt_bundle_is_refused_before_anything_moves(tmp_path: Path) -> None
     with pytest.raises(SlmopsUsageError) as info:
         check_bundle(bundle)
     assert info.value.option == "--bundle" and "sha256 mismatch" in info.value.message
+
+
+
+def test_bundle_arch_refusal_names_the_target_to_build(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from slmops.deploy.deployer import check_bundle_arch
+    from slmops.deploy.hosts import parse_host
+
+    host = parse_host("local")
+    manifest = SimpleNamespace(target=SimpleNamespace(name="cpu", arch="amd64"))
+    check_bundle_arch(tmp_path, manifest, "amd64", host)  # type: ignore[arg-type]
+    with pytest.raises(SlmopsUsageError) as err:
+        check_bundle_arch(tmp_path, manifest, "arm64", host)  # type: ignore[arg-type]
+    assert err.value.option == "--bundle" and "--target cpu-arm64" in err.value.message
+    assert "was built for amd64 (target cpu)" in err.value.message

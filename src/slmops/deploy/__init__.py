@@ -27,6 +27,7 @@ LABEL_CONFIG = "io.slmops.deploy.config"
 LABEL_DEPLOYED_AT = "io.slmops.deploy.deployed-at"
 LABEL_BUNDLE_SHA = "io.slmops.bundle.sha256"
 LABEL_BUNDLE_NAME = "io.slmops.bundle.name"
+LABEL_ARCH = "io.slmops.deploy.arch"  # the host engine's architecture (amd64, arm64) at deploy time
 
 BUNDLE_MOUNT = "/bundle"
 CONTAINER_PORT = 50051

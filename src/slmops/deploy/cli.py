@@ -17,6 +17,9 @@ from slmops.deploy import CONTAINER_METRICS_PORT, CONTAINER_PORT
 from slmops.errors import SlmopsUsageError
 
 DEFAULT_IMAGE = f"slmops-serve:{__version__}"
+# The serve container's peak RSS on the default int4 bundle (135M model, both demo adapters) was
+# measured at PEAK_RSS_NOTE; the default limit leaves room for more adapters and longer prompts.
+DEFAULT_MEMORY = "1g"
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
@@ -50,6 +53,16 @@ def engine_errors(host: str) -> Iterator[None]:
         raise click.ClickException(f"the Docker engine of {host} refused: {exc}") from exc
 
 
+def _size(option: str, value: str | None) -> str | None:
+    """A Docker size (``768m``, ``2g``, ``512k``, bytes); ``0``/``none`` -> None (no limit)."""
+    if value is None or value.strip().lower() in ("0", "none", ""):
+        return None
+    text = value.strip().lower()
+    if not re.fullmatch(r"\d+(\.\d+)?[bkmg]?", text):
+        raise SlmopsUsageError(option, f"'{value}' is not a size: use e.g. 768m or 2g")
+    return text
+
+
 def _registry(value: str | None) -> str | None:
     if value is None:
         return None
@@ -79,23 +92,36 @@ def _registry(value: str | None) -> str | None:
 @click.option("--env", "env", multiple=True, help="KEY=VALUE in the container (repeatable), e.g. SLMOPS_ADMIN_TOKEN=...")
 @click.option("--restart", type=click.Choice(["unless-stopped", "always", "on-failure", "no"]), default="unless-stopped",
               help="Docker restart policy of the server")
+@click.option("--memory", default=DEFAULT_MEMORY, metavar="SIZE",
+              help="memory limit of the server (and its swap limit), e.g. 768m, 2g; 0 = none")
+@click.option("--cpus", type=float, default=None, help="CPU limit, e.g. 2 or 1.5  [default: none]")
+@click.option("--read-only/--writable", "read_only", default=True,
+              help="read-only root file system (writes go to a /tmp tmpfs only)")
+@click.option("--tmp-size", default="256m", metavar="SIZE", help="size of the /tmp tmpfs (uploaded adapters live there)")
+@click.option("--log-max-size", default="10m", metavar="SIZE", help="rotate the server's log at this size")
+@click.option("--log-max-files", type=int, default=3, help="rotated log files kept")
 @click.option("--force", is_flag=True, help="redeploy even when the same image, bundle and options already run")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.pass_context
 def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image: str, registry: str | None, name: str,
                  port: int, metrics_port: int, no_metrics: bool, bind: str, timeout: float, compress: bool | None,
-                 serve_args: tuple[str, ...], env: tuple[str, ...], restart: str, force: bool, as_json: bool) -> None:
+                 serve_args: tuple[str, ...], env: tuple[str, ...], restart: str, memory: str | None, cpus: float | None,
+                 read_only: bool, tmp_size: str, log_max_size: str, log_max_files: int, force: bool, as_json: bool) -> None:
     """Ship the serve image and a bundle to a Docker host and start it there, health-checked.
 
     \b
     slmops deploy --bundle dist/bundles/cpu                         # this machine's Docker engine
     slmops deploy --host ssh://pi@edge-1 --bundle dist/bundles/cpu  # image via docker save | load
     slmops deploy --host ssh://pi@edge-1 --registry reg.lan:5000 --bundle dist/bundles/cpu
+    slmops deploy --host ssh://pi@pi5 --bundle dist/bundles/cpu-arm64 --memory 1g --cpus 3  # an arm64 board
     slmops deploy status                                            # what runs where
     slmops deploy rollback --host ssh://pi@edge-1                   # back to NAME-previous
 
     The new container replaces NAME once it answers SERVING on grpc.health.v1; otherwise it is
     removed and the previous container is started again (exit code 1).
+
+    The host engine's architecture picks the image (IMAGE, else IMAGE-<arch> from `make images
+    ARCH=arm64`); an image or bundle of another architecture is refused before anything moves.
     """
     ctx.ensure_object(dict)
     ctx.obj["host"] = host_spec
@@ -107,7 +133,13 @@ def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image:
     opts = DeployOptions(host=parse_host(host_spec), image=image, bundle=bundle, name=name, port=port,
                          metrics_port=None if no_metrics else metrics_port, bind=bind, registry=_registry(registry),
                          compress=compress, timeout=timeout, serve_args=list(serve_args), env=_env_pairs(env),
-                         restart=restart, force=force)
+                         restart=restart, force=force, memory=_size("--memory", memory), cpus=cpus, read_only=read_only,
+                         tmp_size=_size("--tmp-size", tmp_size) or "256m", log_max_size=_size("--log-max-size", log_max_size) or "10m",
+                         log_max_files=log_max_files)
+    if cpus is not None and cpus <= 0:
+        raise SlmopsUsageError("--cpus", f"{cpus} must be > 0 (e.g. 2)")
+    if log_max_files < 1:
+        raise SlmopsUsageError("--log-max-files", f"{log_max_files} must be >= 1")
     with engine_errors(host_spec):
         result = deploy(opts)
     if as_json:
@@ -117,7 +149,7 @@ def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image:
     image_note = moved.how if not moved.nbytes else f"{moved.how}, {moved.nbytes / 1e6:.0f} MB in {moved.seconds:.1f}s"
     b = result.bundle_transfer
     bundle_note = b.how if not b.nbytes else f"{b.how}, {b.nbytes / 1e6:.1f} MB in {b.seconds:.1f}s"
-    click.echo(f"{result.status} '{result.name}' on {result.host}: {result.image} ({image_note}), bundle {result.bundle} "
+    click.echo(f"{result.status} '{result.name}' on {result.host} (linux/{result.arch}): {result.image} ({image_note}), bundle {result.bundle} "
                f"({bundle_note}); SERVING after {result.serving_after_s:.1f}s, {result.total_s:.1f}s in all")
 
 
@@ -140,12 +172,12 @@ def status_command(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) ->
     if not rows:
         click.echo(f"no slmops containers on {', '.join(specs)}")
         return
-    columns = ["host", "name", "state", "health", "image", "bundle", "ports", "deployed_at"]
+    columns = ["host", "arch", "name", "state", "health", "image", "bundle", "ports", "deployed_at"]
     table: list[list[Any]] = [[str(r.get(c, "")) if r.get("state") != "unreachable" or c in ("host", "state")
                                else "" for c in columns] for r in rows]
     for row, r in zip(table, rows, strict=True):
         if r.get("state") == "unreachable":
-            row[4] = r.get("detail", "")
+            row[columns.index("image")] = r.get("detail", "")
     widths = [max(len(c), *(len(row[i]) for row in table)) if i < len(columns) - 1 else 0 for i, c in enumerate(columns)]
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in table:

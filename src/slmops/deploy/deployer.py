@@ -29,6 +29,7 @@ from slmops.deploy import (
     CONTAINER_METRICS_PORT,
     CONTAINER_PORT,
     HEALTH_PROBE,
+    LABEL_ARCH,
     LABEL_BUNDLE_NAME,
     LABEL_BUNDLE_SHA,
     LABEL_CONFIG,
@@ -41,6 +42,7 @@ from slmops.deploy import (
 from slmops.deploy.hosts import Host, connect, import_docker, parse_host
 from slmops.deploy.transfer import Moved, ensure_bundle, ensure_image, get_image
 from slmops.errors import SlmopsUsageError
+from slmops.platforms import TARGET_FOR_ARCH, bundle_arch, normalize_arch
 
 STOP_TIMEOUT = 40  # seconds docker gives a stopping server: its default drain (--grace-period 30) + margin
 
@@ -65,6 +67,13 @@ class DeployOptions:
     env: dict[str, str] = field(default_factory=dict)
     restart: str = "unless-stopped"
     force: bool = False
+    # Device limits (docker run --memory / --cpus / --read-only / --log-opt max-size, max-file).
+    memory: str | None = None  # e.g. "1g"; None: no limit
+    cpus: float | None = None  # e.g. 2.0; None: no limit
+    read_only: bool = True  # read-only root file system; /tmp is a tmpfs (adapter uploads)
+    tmp_size: str = "256m"  # size of that /tmp tmpfs (uploaded adapters live there)
+    log_max_size: str = "10m"
+    log_max_files: int = 3
 
 
 @dataclass
@@ -81,6 +90,7 @@ class DeployResult:
     serving_after_s: float
     total_s: float
     previous: str | None = None
+    arch: str | None = None  # the host engine's architecture
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +119,53 @@ def check_ports(opts: DeployOptions) -> None:
             raise SlmopsUsageError(option, f"{port} is not a TCP port (1-65535)")
     if opts.metrics_port is not None and opts.metrics_port == opts.port:
         raise SlmopsUsageError("--metrics-port", f"{opts.port} is also --port; choose another (or --no-metrics)")
+
+
+# ---- architectures ------------------------------------------------------------------------------
+def engine_arch(client: Any) -> str:
+    """The architecture of a Docker engine's machine as Docker names it (``info().Architecture``:
+    x86_64 -> amd64, aarch64 -> arm64)."""
+    return normalize_arch(str(client.info().get("Architecture") or "")) or "unknown"
+
+
+def image_arch(image: Any) -> str | None:
+    return normalize_arch(image.attrs.get("Architecture"))
+
+
+def pick_image(local: Any | None, target: Any, ref: str, arch: str, host: Host, say: Callable[[str], None]) -> str:
+    """The image reference to ship to a host of ``arch``: ``ref`` when it is that architecture, else
+    ``ref-<arch>`` (what `make images ARCH=...` tags), else a one-line refusal. An image found
+    nowhere is left to ensure_image, which says how to build it."""
+    candidates = [ref] if ref.endswith(f"-{arch}") else [ref, f"{ref}-{arch}"]
+    wrong: list[tuple[str, str | None]] = []
+    for candidate in candidates:
+        image = get_image(local, candidate) or get_image(target, candidate)
+        if image is None:
+            continue
+        found = image_arch(image)
+        if found == arch:
+            if candidate != ref:
+                say(f"{host} runs linux/{arch}: shipping {candidate} (the linux/{arch} build of {ref})")
+            return candidate
+        wrong.append((candidate, found))
+    if not wrong:
+        return ref
+    candidate, found = wrong[0]
+    raise SlmopsUsageError("--image", f"{candidate} is a linux/{found} image and {host} runs linux/{arch}, so it cannot run "
+                           f"there; build the linux/{arch} serve image with `make images ARCH={arch}` (add OFFLINE=1 "
+                           f"without a registry; it is tagged {ref}-{arch}) and deploy again")
+
+
+def check_bundle_arch(bundle: Path, manifest: BundleManifest, arch: str, host: Host) -> None:
+    """Refuse a bundle built for another architecture than the host's, naming the target to build."""
+    built_for = bundle_arch(manifest)
+    if built_for is None or built_for == arch:
+        return
+    right = TARGET_FOR_ARCH.get(arch)
+    how = (f"build one with `slmops build --target {right}` (make bundle TARGET={right} writes dist/bundles/{right}) "
+           "and pass it as --bundle") if right else f"build a bundle for {arch}"
+    raise SlmopsUsageError("--bundle", f"'{bundle}' was built for {built_for} (target {manifest.target.name}) and {host} "
+                           f"runs {arch}; {how}")
 
 
 def _published(container: Any) -> list[tuple[str, int]]:
@@ -234,7 +291,8 @@ def _sayer(out: TextIO | None) -> Callable[[str], None]:
 # ---- deploy -------------------------------------------------------------------------------------
 def _config_key(opts: DeployOptions, image_id: str, bundle_sha: str | None) -> str:
     blob = json.dumps([image_id, bundle_sha, opts.port, opts.metrics_port, opts.bind, opts.serve_args,
-                       sorted(opts.env.items()), opts.restart], sort_keys=True)
+                       sorted(opts.env.items()), opts.restart, opts.memory, opts.cpus, opts.read_only, opts.tmp_size,
+                       opts.log_max_size, opts.log_max_files], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -261,9 +319,16 @@ def _create(target: Any, opts: DeployOptions, image_ref: str, volume: str | None
         binds={volume: {"bind": BUNDLE_MOUNT, "mode": "ro"}} if volume else None,
         init=True,
         restart_policy={"Name": opts.restart} if opts.restart != "no" else None,
-        log_config=docker.types.LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+        log_config=docker.types.LogConfig(type="json-file", config={"max-size": opts.log_max_size,
+                                                                     "max-file": str(opts.log_max_files)}),
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],
+        mem_limit=opts.memory,
+        # the swap limit equals the memory limit: an edge box that swaps to an SD card stalls
+        memswap_limit=opts.memory,
+        nano_cpus=int(opts.cpus * 1e9) if opts.cpus else None,
+        read_only=opts.read_only,
+        tmpfs={"/tmp": f"rw,nosuid,nodev,size={opts.tmp_size}"} if opts.read_only else None,
     )
     created = api.create_container(image_ref, command=command + list(opts.serve_args), name=opts.name, labels=labels,
                                    host_config=host_config, ports=[int(k.split("/")[0]) for k in bindings],
@@ -312,13 +377,19 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
         raise SlmopsUsageError("--name", f"a container named '{opts.name}' on {opts.host} was not deployed by slmops; "
                                "remove it (docker rm -f) or choose another --name")
     check_port_conflicts(target, opts, {opts.name, f"{opts.name}-previous"})
+    # The host's architecture decides the image and the bundle; a mismatch is refused here, before
+    # any transfer and before anything is stopped.
+    arch = engine_arch(target)
+    if manifest is not None and opts.bundle is not None:
+        check_bundle_arch(opts.bundle, manifest, arch, opts.host)
+    image_wanted = pick_image(local, target, opts.image, arch, opts.host, say)
     if opts.bundle is None:  # before any transfer: an image without a baked bundle needs --bundle
-        source = get_image(local, opts.image) or get_image(target, opts.image)
+        source = get_image(local, image_wanted) or get_image(target, image_wanted)
         if source is not None and not source.labels.get(LABEL_BUNDLE_SHA):
-            raise SlmopsUsageError("--bundle", f"missing: {opts.image} has no bundle baked in; pass --bundle "
+            raise SlmopsUsageError("--bundle", f"missing: {image_wanted} has no bundle baked in; pass --bundle "
                                    "dist/bundles/<target> (or bake one: make images BUNDLE=...)")
 
-    image_ref, image_moved = ensure_image(local, target, opts.host, opts.image, opts.registry, opts.compress, out)
+    image_ref, image_moved = ensure_image(local, target, opts.host, image_wanted, opts.registry, opts.compress, out)
     image = target.images.get(image_ref)
     volume, bundle_moved = None, Moved("baked")
     if manifest is not None and opts.bundle is not None and bundle_sha is not None:
@@ -338,10 +409,10 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
         if ok:
             say(f"'{opts.name}' on {opts.host} already runs {image_ref} with bundle {bundle_label}, SERVING (--force redeploys)")
             return DeployResult(str(opts.host), opts.name, "unchanged", image_ref, image.id, bundle_label, previous.id,
-                                image_moved, bundle_moved, 0.0, time.monotonic() - start)
+                                image_moved, bundle_moved, 0.0, time.monotonic() - start, arch=arch)
 
     labels = {LABEL_DEPLOY: "1", LABEL_NAME: opts.name, LABEL_IMAGE: image_ref, LABEL_IMAGE_ID: image.id,
-              LABEL_CONFIG: key, LABEL_BUNDLE_SHA: bundle_sha or "", LABEL_BUNDLE_NAME: bundle_label,
+              LABEL_CONFIG: key, LABEL_BUNDLE_SHA: bundle_sha or "", LABEL_BUNDLE_NAME: bundle_label, LABEL_ARCH: arch,
               LABEL_DEPLOYED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     older = _get(target, f"{opts.name}-previous")
     if older is not None:
@@ -354,7 +425,7 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
         previous.stop(timeout=STOP_TIMEOUT)
         previous.rename(f"{opts.name}-previous")
 
-    say(f"starting '{opts.name}' on {opts.host}: {image_ref}, bundle {bundle_label}, port {opts.port}")
+    say(f"starting '{opts.name}' on {opts.host} (linux/{arch}): {image_ref}, bundle {bundle_label}, port {opts.port}")
     new = None
     try:
         new = _create(target, opts, image_ref, volume, labels)
@@ -378,7 +449,7 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
     say(f"'{opts.name}' on {opts.host} is SERVING after {serving_after:.1f}s")
     prune_bundle_volumes(target)
     result = DeployResult(str(opts.host), opts.name, "deployed", image_ref, image.id, bundle_label, new.id, image_moved,
-                          bundle_moved, serving_after, time.monotonic() - start, previous_desc)
+                          bundle_moved, serving_after, time.monotonic() - start, previous_desc, arch)
     record(opts.host, opts.name, image_ref, bundle_label)
     return result
 
@@ -475,10 +546,14 @@ def status(hosts: list[Host]) -> list[dict[str, Any]]:
         except SlmopsUsageError as exc:
             rows.append({"host": str(host), "name": "-", "state": "unreachable", "detail": exc.message})
             continue
+        try:
+            arch = engine_arch(client)
+        except Exception:  # an engine that lists containers but not its info: still list them
+            arch = "?"
         for c in sorted(client.containers.list(all=True, filters={"label": LABEL_NAME}), key=lambda c: c.name):
             state = c.attrs.get("State", {})
             rows.append({
-                "host": str(host), "name": c.name, "state": state.get("Status", "?"),
+                "host": str(host), "arch": arch, "name": c.name, "state": state.get("Status", "?"),
                 "health": (state.get("Health") or {}).get("Status", "-") if state.get("Status") == "running" else "-",
                 "image": c.labels.get(LABEL_IMAGE, _image_name(c)), "bundle": c.labels.get(LABEL_BUNDLE_NAME, "-"),
                 "ports": ", ".join(f"{ip}:{port}" for ip, port in _published(c)) or "-",
