@@ -69,6 +69,12 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
+    # Structured output: kind "json_schema" (guidance = the schema as JSON text), "json_object"
+    # (any JSON object; guidance ignored), "regex" or "lark_grammar"; "" = unconstrained.
+    # A bad schema/regex/grammar raises ServeError INVALID_ARGUMENT naming ``guidance_field``.
+    guidance_kind: str = ""
+    guidance: str = ""
+    guidance_field: str = "response_format"
 
 
 @dataclass
