@@ -45,6 +45,11 @@ class LazyGroup(OptionStyle, click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in LAZY_COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(cmd_name, list(LAZY_COMMANDS), n=1)
+            if close:
+                ctx.fail(f"No such command '{cmd_name}'; did you mean '{close[0]}'?")
             return None
         target, _ = LAZY_COMMANDS[cmd_name]
         module_name, attr = target.split(":")
@@ -82,6 +87,13 @@ def main(argv: list[str] | None = None) -> Any:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" or exc.ctx is None:
+            exc.show()  # a bare `slmops` / `slmops bundle`: the help itself
+        else:  # one line, with where to look, instead of click's usage + hint + error block
+            path = _command_path(exc.ctx)
+            click.echo(f"Error: {exc.format_message()} (see `{path} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -97,6 +109,16 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo(f"Error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
                    f"{where} (an slmops bug or an environment problem; SLMOPS_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
+
+
+def _command_path(ctx: click.Context) -> str:
+    """``slmops bundle inspect`` whatever the program was started as (``python -m slmops.cli``)."""
+    names = []
+    c: click.Context | None = ctx
+    while c is not None and c.parent is not None:
+        names.append(c.info_name or "")
+        c = c.parent
+    return " ".join(["slmops", *reversed(names)])
 
 
 def _where(exc: BaseException) -> str:
