@@ -42,7 +42,7 @@ def run(*args: str) -> dict[str, Any]:
     (["--gradient-checkpointing", "False"], "gradient_checkpointing", False),
     (["--gradient_checkpointing=no"], "gradient_checkpointing", False),
     (["--no-gradient_checkpointing"], "gradient_checkpointing", False),
-    (["--use_ort_genai", "1"], "use_ort_genai", True),
+    (["--use_ort_genai", "true"], "use_ort_genai", True),
     (["--use_ort_genai", "false"], "use_ort_genai", None),  # a plain flag set false: as if not given
     (["--tag", "--max_steps"], "tag", ("--max_steps",)),  # an option's value is not parsed as an option
 ])
@@ -53,6 +53,10 @@ def test_spellings_and_boolean_forms(args: list[str], key: str, value: Any) -> N
 def test_a_boolean_value_does_not_eat_the_argument() -> None:
     out = run("--gradient_checkpointing", "some/path")
     assert out["gradient_checkpointing"] is True and out["path"] == "some/path"
+    # with an argument in the command, only true/false are flag values: "yes" stays the argument
+    out = run("--gradient_checkpointing", "yes")
+    assert out["gradient_checkpointing"] is True and out["path"] == "yes"
+    assert run("--gradient_checkpointing", "false")["gradient_checkpointing"] is False
 
 
 def test_unknown_and_refused_options_are_reported_together() -> None:

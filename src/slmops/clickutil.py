@@ -101,6 +101,8 @@ def normalize_args(command: click.Command, ctx: click.Context, args: list[str]) 
         for opt in p.secondary_opts:
             known[_norm(opt)] = (p, True, opt)
     is_group = isinstance(command, click.Group)
+    # a command with arguments (`generate PROMPT`) takes only true/false after a flag: `--chat yes` keeps "yes" a prompt
+    positional = is_group or any(isinstance(p, click.Argument) for p in command.get_params(ctx))
     refused = dict(getattr(command, "refused", {}) or {})
     refused_keys = {_norm(k): k for k in refused}
     out: list[str] = []
@@ -143,7 +145,7 @@ def normalize_args(command: click.Command, ctx: click.Context, args: list[str]) 
             flag_value: bool | None = None
             if eq:
                 flag_value = parse_bool(value, name)
-            elif i + 1 < len(args) and args[i + 1].strip().lower() in BOOL_WORDS:
+            elif i + 1 < len(args) and args[i + 1].strip().lower() in (BOOL_WORDS if not positional else ("true", "false")):
                 flag_value = BOOL_WORDS[args[i + 1].strip().lower()]
                 i += 1
             if flag_value is None:
