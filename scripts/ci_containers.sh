@@ -5,6 +5,12 @@
 # fresh machine, then the cached rebuild), runs `pytest tests/containers`, and stops what it
 # started, by PID.
 #
+# arm64 (SLMOPS_CI_ARM64=1, the default; 0 skips it): qemu-user-static + binfmt-support register
+# qemu-aarch64 (binfmt_misc is mounted first where it is not), then the arm64 base (mmdebstrap
+# --arch arm64), the arm64 wheelhouse and the arm64 serve image are built too (emulated: slow),
+# both serve images and a multi-arch manifest list are pushed to the registry (timed), and
+# tests/containers/test_arm64.py runs the arm64 image under emulation.
+#
 #   scripts/ci_containers.sh [PYTEST_ARGS...]
 #
 # Idempotent: installed packages, a running engine or registry, the base image, the wheelhouse and
@@ -17,6 +23,9 @@ cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 STATE="${SLMOPS_CI_STATE:-/tmp/slmops-ci-containers}"
 REGISTRY_ADDR="${REGISTRY_ADDR:-127.0.0.1:5000}"
+ARM64="${SLMOPS_CI_ARM64:-1}"
+ARCHES=amd64
+[ "$ARM64" = 1 ] && ARCHES=amd64,arm64
 DOCKER=/usr/bin/docker   # Debian's 20.10 client: BuildKit builds without buildx
 mkdir -p "$STATE"
 t0=$(date +%s)
@@ -27,7 +36,10 @@ sudo_cmd=()
 # ---- packages ------------------------------------------------------------------------------------
 missing=()
 # openssh-server/-client and iproute2: the ssh:// deploy test (a second engine behind a local sshd).
-for pkg in docker.io docker-registry mmdebstrap openssh-server openssh-client iproute2; do
+pkgs=(docker.io docker-registry mmdebstrap openssh-server openssh-client iproute2)
+# qemu-user-static + binfmt-support: run arm64 binaries here; arch-test: mmdebstrap --arch checks with it.
+[ "$ARM64" = 1 ] && pkgs+=(qemu-user-static binfmt-support arch-test)
+for pkg in "${pkgs[@]}"; do
     dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -39,6 +51,18 @@ fi
 if ! "$PY" -c "import docker" 2>/dev/null; then
     say "installing the docker SDK (the deploy extra)"
     "$PY" -m pip install -q "docker>=7"
+fi
+
+if [ "$ARM64" = 1 ]; then
+    if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+        say "mounting binfmt_misc (for qemu-aarch64)"
+        "${sudo_cmd[@]}" mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || true
+    fi
+    [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || "${sudo_cmd[@]}" update-binfmts --enable qemu-aarch64 || true
+    if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+        say "no qemu-aarch64 binfmt handler could be registered: the arm64 image is skipped"
+        ARM64=0 ARCHES=amd64
+    fi
 fi
 
 # ---- daemons: started here -> stopped here (by PID), at exit, whatever happens --------------------
@@ -103,18 +127,29 @@ fi
 s=$(date +%s)
 make --no-print-directory -f mk/docker.mk base-image DOCKER="$DOCKER"
 say "base image ready in $(( $(date +%s) - s ))s"
+if [ "$ARM64" = 1 ]; then
+    s=$(date +%s)
+    make --no-print-directory -f mk/docker.mk base-image-arm64 DOCKER="$DOCKER"
+    say "arm64 base image ready in $(( $(date +%s) - s ))s (mmdebstrap --arch arm64, emulated)"
+fi
 s=$(date +%s)
-make --no-print-directory -f mk/docker.mk wheelhouse
-say "wheelhouse ready in $(( $(date +%s) - s ))s"
+make --no-print-directory -f mk/docker.mk wheelhouse ARCH="$ARCHES"
+say "wheelhouse ($ARCHES) ready in $(( $(date +%s) - s ))s"
 s=$(date +%s)
-make --no-print-directory -f mk/docker.mk images OFFLINE=1 DOCKER="$DOCKER" DOCKER_BUILD_FLAGS="--progress plain" \
+make --no-print-directory -f mk/docker.mk images OFFLINE=1 ARCH="$ARCHES" DOCKER="$DOCKER" DOCKER_BUILD_FLAGS="--progress plain" \
     > "$STATE/images.log" 2>&1 || { tail -60 "$STATE/images.log"; say "make images failed"; exit 1; }
 grep -E "MB, built in" "$STATE/images.log" || true
-say "images built in $(( $(date +%s) - s ))s (build log: $STATE/images.log)"
+say "images ($ARCHES) built in $(( $(date +%s) - s ))s (build log: $STATE/images.log)"
 s=$(date +%s)
-make --no-print-directory -f mk/docker.mk images OFFLINE=1 DOCKER="$DOCKER" > "$STATE/images-cached.log" 2>&1
-say "cached rebuild of the three images: $(( $(date +%s) - s ))s"
+make --no-print-directory -f mk/docker.mk images OFFLINE=1 ARCH="$ARCHES" DOCKER="$DOCKER" > "$STATE/images-cached.log" 2>&1
+say "cached rebuild of the images ($ARCHES): $(( $(date +%s) - s ))s"
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^slmops-' || true
+if [ "$ARM64" = 1 ]; then
+    s=$(date +%s)
+    make --no-print-directory -f mk/docker.mk push-images REGISTRY="$REGISTRY_ADDR" ARCH="$ARCHES" DOCKER="$DOCKER" \
+        || { say "multi-arch push failed"; exit 1; }
+    say "multi-arch serve push ($ARCHES) in $(( $(date +%s) - s ))s"
+fi
 
 # ---- tests ----------------------------------------------------------------------------------------
 say "pytest tests/containers"
