@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -35,8 +36,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
 @click.option("--port", type=int, default=None, help="gRPC port, 0 = any free  [default: 50051]")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus /metrics port  [default: 9090]")
 @click.option("--no-metrics", is_flag=True, help="do not serve /metrics")
-@click.option("--workers", type=int, default=None, help="generations at once  [default: 1]")
-@click.option("--max-queue", type=int, default=None, help="requests waiting beyond the workers; more get RESOURCE_EXHAUSTED  [default: 16]")
+@click.option("--max-batch", type=int, default=None, help="requests decoded together in one step (continuous batching)  [default: 8]")
+@click.option("--max-queue", type=int, default=None, help="requests waiting for a batch row; more get RESOURCE_EXHAUSTED  [default: 16]")
+@click.option("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill call (running streams wait at most one)  [default: 256]")
+@click.option("--max-context", type=int, default=None, help="cache positions per request  [default: the model's, at most 4096]")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the bundle's genai_config.json)")
 @click.option("--max-new-tokens-limit", type=int, default=None, help="largest max_new_tokens a request may ask  [default: 1024]")
 @click.option("--default-max-new-tokens", type=int, default=None, help="for requests that leave it 0  [default: 256]")
@@ -83,6 +86,7 @@ def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str |
     warning = check_bundle_arch(manifest, force=force)
     if warning:
         click.echo(warning, err=True)
+    _check_metrics_port(config.host, config.metrics_port)
     from slmops_serve.server import serve
 
     try:
@@ -91,7 +95,29 @@ def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str |
         if "bind" in str(exc).lower() or "port" in str(exc).lower():
             raise SlmopsUsageError("--port", f"cannot listen on {config.host}:{config.port} ({exc}); choose another port") from exc
         raise
+    except OSError as exc:  # prometheus' HTTP server: the metrics port taken between the check and the bind
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise SlmopsUsageError("--metrics-port", f"cannot listen on {config.host}:{config.metrics_port} ({exc.strerror}); "
+                                   "choose another port or pass --no-metrics") from exc
+        raise
     ctx.exit(code)
+
+
+def _check_metrics_port(host: str, port: int | None) -> None:
+    """Refuse a taken metrics port before the bundle is loaded (one line, not prometheus' traceback)."""
+    import socket
+
+    if not port:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        raise SlmopsUsageError("--metrics-port", f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                               "choose another port or pass --no-metrics") from exc
 
 
 # ---- clients ------------------------------------------------------------------------------------
@@ -117,6 +143,9 @@ def token_option(func: F) -> F:
 def _client(server: str, tls: bool, ca_cert: str | None, timeout: float, token: str | None = None) -> Any:
     from slmops_serve.client import SlmopsClient
 
+    if ca_cert is not None and not Path(ca_cert).is_file():
+        raise SlmopsUsageError("--ca-cert", f"'{ca_cert}' does not exist; pass the PEM file of the CA that signed the server's certificate")
+
     return SlmopsClient(server, token=token, tls=tls, ca_cert=ca_cert, timeout=timeout)
 
 
@@ -130,6 +159,13 @@ def _rpc_error(exc: Any, server: str) -> click.ClickException:
 
 
 FINISH_NAMES = {0: "", 1: "eos", 2: "length", 3: "stop"}
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read '{path}': {exc}", param_hint=option) from exc
 
 
 @click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
@@ -146,19 +182,38 @@ FINISH_NAMES = {0: "", 1: "eos", 2: "length", 3: "stop"}
 @click.option("--seed", type=int, default=None, help="same seed, same text")
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print the whole response as JSON")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False), default=None,
+              help="constrain the output to this JSON Schema file (structured output)")
+@click.option("--json-object", is_flag=True, help="constrain the output to any JSON object")
+@click.option("--regex", default=None, help="constrain the whole output to match this regular expression")
+@click.option("--grammar", type=click.Path(dir_okay=False), default=None, help="constrain the output to this Lark grammar file")
 @client_options
 def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system: str | None, max_new_tokens: int,
                      min_new_tokens: int, temperature: float, top_p: float | None, top_k: int, seed: int | None, stop: tuple[str, ...],
-                     as_json: bool, server: str, tls: bool, ca_cert: str | None, timeout: float) -> None:
+                     as_json: bool, json_schema: str | None, json_object: bool, regex: str | None, grammar: str | None,
+                     server: str, tls: bool, ca_cert: str | None, timeout: float) -> None:
     """Generate text for PROMPT ('-' reads stdin) on a running server."""
     import grpc
     from google.protobuf.json_format import MessageToDict
 
     if prompt == "-":
         prompt = sys.stdin.read()
+    chosen = [name for name, value in (("--json-schema", json_schema), ("--json-object", json_object), ("--regex", regex),
+                                       ("--grammar", grammar)) if value]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join(chosen)}: give one structured-output constraint")
+    guidance: tuple[str, str] | None = None
+    if json_schema:
+        guidance = ("json_schema", _read_text(json_schema, "--json-schema"))
+    elif json_object:
+        guidance = ("json_object", "")
+    elif regex:
+        guidance = ("regex", regex)
+    elif grammar:
+        guidance = ("lark_grammar", _read_text(grammar, "--grammar"))
     kwargs: dict[str, Any] = dict(adapter=adapter, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                   temperature=temperature, top_p=top_p,
-                                  top_k=top_k, seed=seed, stop=list(stop))
+                                  top_k=top_k, seed=seed, stop=list(stop), guidance=guidance)
     if chat or system:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         kwargs["messages"] = messages

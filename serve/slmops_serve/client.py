@@ -27,7 +27,8 @@ TOKEN_ENV = "SLMOPS_ADMIN_TOKEN"
 def build_request(prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, adapter: str = "",
                   max_new_tokens: int = 0, temperature: float = 0.0, top_p: float | None = None, top_k: int = 0,
                   seed: int | None = None, stop: Sequence[str] = (), request_id: str = "",
-                  min_new_tokens: int = 0) -> generation_pb2.GenerateRequest:
+                  min_new_tokens: int = 0, guidance: tuple[str, str] | None = None) -> generation_pb2.GenerateRequest:
+    """A GenerateRequest; ``guidance`` = (kind, text), e.g. ("json_schema", schema_json) or ("regex", "[0-9]+")."""
     request = generation_pb2.GenerateRequest(
         prompt=prompt or "", adapter=adapter or "", max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
         temperature=temperature, top_k=top_k,
@@ -37,6 +38,8 @@ def build_request(prompt: str | None = None, messages: Sequence[dict[str, str]] 
         request.top_p = top_p
     if seed is not None:
         request.seed = seed
+    if guidance is not None:
+        request.guidance.kind, request.guidance.text = guidance
     return request
 
 

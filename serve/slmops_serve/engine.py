@@ -18,6 +18,7 @@ deadline leaves the batch before the next step. Clients use one interface (gRPC 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import queue
@@ -52,6 +53,10 @@ FINISH_EOS = "eos"
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_CANCELLED = "cancelled"
+GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "lark_grammar")
+# Compact JSON (", " and ": " between items): with free whitespace a small model can spend every
+# token on newlines inside a valid-so-far object. A schema's "x-guidance" options override this.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 
 
 @dataclass
@@ -128,6 +133,7 @@ class Generation:
         self.finished = threading.Event()
         self._events: queue.Queue[Any] = queue.Queue()
         self._on_cancel: Callable[[], None] | None = None
+        self.matcher: Any = None  # structured output (llguidance), compiled at admission
 
     @property
     def adapter_name(self) -> str:
@@ -223,14 +229,80 @@ class AdapterStore:
             return self._tensors[name]
 
 
+def allowed_only(logits: np.ndarray, matcher: Any) -> np.ndarray:
+    """``logits`` with every token the grammar does not allow next set to -inf."""
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+    allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[-1]].astype(bool)
+    if allowed.shape[0] < logits.shape[-1]:  # tokens past the tokenizer's vocabulary: never allowed
+        allowed = np.concatenate([allowed, np.zeros(logits.shape[-1] - allowed.shape[0], bool)])
+    return np.where(allowed, logits, -np.inf)
+
+
+class Grammars:
+    """Compiles structured-output requests into llguidance matchers over the bundle's tokenizer."""
+
+    def __init__(self, tokenizer_file: Path, vocab_size: int, eos_ids: set[int]) -> None:
+        self.tokenizer_file = tokenizer_file
+        self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def matcher(self, request: GenerationRequest) -> Any:
+        """An LLMatcher for ``request`` (None when unconstrained); INVALID_ARGUMENT for a bad constraint."""
+        kind = request.guidance_kind
+        if not kind:
+            return None
+        import llguidance
+
+        field_name = request.guidance_field or "guidance"
+        if kind not in GUIDANCE_KINDS:
+            raise ServeError(INVALID_ARGUMENT, field_name, f"'{kind}' is not a structured-output kind; use one of "
+                             f"{', '.join(GUIDANCE_KINDS)}")
+        try:
+            if kind == "json_schema":
+                schema = json.loads(request.guidance)
+                if not isinstance(schema, dict):
+                    raise ValueError("a JSON schema must be a JSON object")
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            elif kind == "json_object":
+                grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+            elif kind == "regex":
+                grammar = llguidance.LLMatcher.grammar_from_regex(request.guidance)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_lark(request.guidance)
+        except ValueError as exc:
+            raise ServeError(INVALID_ARGUMENT, field_name, f"is not a valid {kind.replace('_', ' ')}: {exc}") from exc
+        tokenizer = self._llg_tokenizer()
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        if error:
+            raise ServeError(INVALID_ARGUMENT, field_name, f"is not a valid {kind.replace('_', ' ')}: {error[:300]}")
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ServeError(INVALID_ARGUMENT, field_name, f"is not a valid {kind.replace('_', ' ')}: "
+                             f"{matcher.get_error()[:300]}")
+        return matcher
+
+    def _llg_tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance
+
+                # built once (about a second): llguidance reads the same tokenizer.json
+                self._tokenizer = llguidance.LLTokenizer(str(self.tokenizer_file), n_vocab=self.vocab_size,
+                                                         eos_token=self.eos_ids)
+            return self._tokenizer
+
+
 class Row:
     """One request in the batch: its cache row (its index in the engine's row list), where its
     prefill is, its sampler, its text and stop-string state."""
 
     def __init__(self, gen: Generation, lora: tuple[str, dict[str, np.ndarray]] | None, stream: TokenStream,
-                 eos_ids: set[int]) -> None:
+                 eos_ids: set[int], matcher: Any = None) -> None:
         request = gen.request
         self.gen = gen
+        self.matcher = matcher  # llguidance LLMatcher of a structured-output request
         self.lora = lora
         self.ids = np.asarray(gen.prompt_ids, np.int64)
         self.prefilled = 0  # prompt tokens in the cache
@@ -258,7 +330,11 @@ class Row:
         if self.produced < self.gen.request.min_new_tokens:
             logits = logits.copy()
             logits[list(self.eos_ids)] = -np.inf
+        if self.matcher is not None:
+            logits = allowed_only(logits, self.matcher)
         token = self.sampler(logits)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
         self.produced += 1
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
@@ -298,6 +374,7 @@ class Engine:
         self.manifest: BundleManifest | None = None
         self.runner: ModelRunner | None = None
         self.tokenizer: TextCodec | None = None
+        self.grammars: Grammars | None = None
         self.registry: AdapterRegistry | None = None
         self.store: AdapterStore | None = None
         self.threads: int | None = None
@@ -338,6 +415,7 @@ class Engine:
         self.context_length = self.runner.max_length
         self.tokenizer = TextCodec(model_dir)
         self.eos_ids = set(self.runner.info.eos_ids)
+        self.grammars = Grammars(model_dir / "tokenizer.json", self.runner.info.vocab_size, self.eos_ids)
         self.store = AdapterStore(on_unload=self._forget)
         self.registry = AdapterRegistry(self.store, manifest.lora_template, self.config.adapter_path,
                                         self.config.max_upload_bytes, on_change=self._adapters_changed)
@@ -455,6 +533,8 @@ class Engine:
             ids = self.tokenizer.encode(text)
         if len(ids) == 0:
             raise ServeError(INVALID_ARGUMENT, "prompt", "encodes to zero tokens; send some text")
+        assert self.grammars is not None
+        matcher = self.grammars.matcher(request)  # compiled here, in the caller's thread, not the scheduler's
         if len(ids) >= self.context_length:
             field_name = "messages" if request.messages is not None else "prompt"
             raise ServeError(INVALID_ARGUMENT, field_name, f"is {len(ids)} tokens; the server's context length is "
@@ -472,6 +552,7 @@ class Engine:
                 assert self.registry is not None
                 adapter = self.registry.acquire(request.adapter)
             gen = Generation(request, ids, max_new, adapter)
+            gen.matcher = matcher
             gen._on_cancel = self._wake
             with self._lock:
                 self._live.add(gen)
@@ -531,7 +612,7 @@ class Engine:
                 self._finish_unstarted(gen)
                 continue
             lora = (gen.adapter.internal, self.store.tensors(gen.adapter.internal)) if gen.adapter is not None else None
-            row = Row(gen, lora, self.tokenizer.stream(), self.eos_ids)
+            row = Row(gen, lora, self.tokenizer.stream(), self.eos_ids, gen.matcher)
             self.metrics.queue_seconds.observe(row.started - gen.arrived)
             with self._lock:
                 self._rows.append(row)

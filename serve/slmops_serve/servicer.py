@@ -23,6 +23,7 @@ from slmops_serve.engine import (
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
+    GUIDANCE_KINDS,
     Chunk,
     Engine,
     GenerationRequest,
@@ -92,7 +93,15 @@ def to_engine_request(request: generation_pb2.GenerateRequest, config: ServeConf
         raise bad("stop", f"a stop string is longer than {MAX_STOP_LENGTH} characters")
     if len(request.request_id) > MAX_REQUEST_ID:
         raise bad("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    guidance_kind, guidance_text = "", ""
+    if request.HasField("guidance"):
+        guidance_kind, guidance_text = request.guidance.kind.strip(), request.guidance.text
+        if guidance_kind not in GUIDANCE_KINDS:
+            raise bad("guidance.kind", f"'{guidance_kind}' is not one of {', '.join(GUIDANCE_KINDS)}")
+        if guidance_kind != "json_object" and not guidance_text.strip():
+            raise bad("guidance.text", f"is empty; give the {guidance_kind.replace('_', ' ')}")
     return GenerationRequest(
+        guidance_kind=guidance_kind, guidance=guidance_text, guidance_field="guidance.text",
         prompt=request.prompt if messages is None else None, messages=messages, adapter=request.adapter,
         max_new_tokens=request.max_new_tokens, min_new_tokens=request.min_new_tokens, temperature=request.temperature, top_p=top_p, top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None, stop=list(request.stop), request_id=request_id,

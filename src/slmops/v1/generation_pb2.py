@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aslmops/v1/generation.proto\x12\tslmops.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8c\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.slmops.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\x0emin_new_tokens\x18\x0b \x01(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"o\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\"\xd3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.slmops.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.slmops.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x05 \x01(\t\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.slmops.v1.Timings\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xd9\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.slmops.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.slmops.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x05 \x01(\t\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.slmops.v1.Timings\x12\x12\n\nrequest_id\x18\x07 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xa4\x01\n\nGeneration\x12\x43\n\x08Generate\x12\x1a.slmops.v1.GenerateRequest\x1a\x1b.slmops.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.slmops.v1.GenerateRequest\x1a!.slmops.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aslmops/v1/generation.proto\x12\tslmops.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb3\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.slmops.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\x0emin_new_tokens\x18\x0b \x01(\x05\x12%\n\x08guidance\x18\x0c \x01(\x0b\x32\x13.slmops.v1.GuidanceB\x08\n\x06_top_pB\x07\n\x05_seed\"&\n\x08Guidance\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"o\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\"\xd3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.slmops.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.slmops.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x05 \x01(\t\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.slmops.v1.Timings\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xd9\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.slmops.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.slmops.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x05 \x01(\t\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.slmops.v1.Timings\x12\x12\n\nrequest_id\x18\x07 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xa4\x01\n\nGeneration\x12\x43\n\x08Generate\x12\x1a.slmops.v1.GenerateRequest\x1a\x1b.slmops.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.slmops.v1.GenerateRequest\x1a!.slmops.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slmops.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=986
-  _globals['_FINISHREASON']._serialized_end=1104
+  _globals['_FINISHREASON']._serialized_start=1065
+  _globals['_FINISHREASON']._serialized_end=1183
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_GENERATEREQUEST']._serialized_start=88
-  _globals['_GENERATEREQUEST']._serialized_end=356
-  _globals['_USAGE']._serialized_start=358
-  _globals['_USAGE']._serialized_end=437
-  _globals['_TIMINGS']._serialized_start=439
-  _globals['_TIMINGS']._serialized_end=550
-  _globals['_GENERATERESPONSE']._serialized_start=553
-  _globals['_GENERATERESPONSE']._serialized_end=764
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=767
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=984
-  _globals['_GENERATION']._serialized_start=1107
-  _globals['_GENERATION']._serialized_end=1271
+  _globals['_GENERATEREQUEST']._serialized_end=395
+  _globals['_GUIDANCE']._serialized_start=397
+  _globals['_GUIDANCE']._serialized_end=435
+  _globals['_USAGE']._serialized_start=437
+  _globals['_USAGE']._serialized_end=516
+  _globals['_TIMINGS']._serialized_start=518
+  _globals['_TIMINGS']._serialized_end=629
+  _globals['_GENERATERESPONSE']._serialized_start=632
+  _globals['_GENERATERESPONSE']._serialized_end=843
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=846
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1063
+  _globals['_GENERATION']._serialized_start=1186
+  _globals['_GENERATION']._serialized_end=1350
 # @@protoc_insertion_point(module_scope)
