@@ -56,7 +56,7 @@ FINISH_CANCELLED = "cancelled"
 GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "lark_grammar")
 # Compact JSON (", " and ": " between items): with free whitespace a small model can spend every
 # token on newlines inside a valid-so-far object. A schema's "x-guidance" options override this.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+JSON_OPTIONS: Any = {"whitespace_flexible": False}
 
 
 @dataclass
