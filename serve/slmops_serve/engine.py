@@ -409,8 +409,12 @@ class Engine:
                                   "rebuild or re-copy the bundle (or pass --no-verify-bundle)")
         self.manifest = manifest
         model_dir = self.bundle_dir / manifest.model_dir
-        self.runner = ModelRunner(model_dir, manifest.lora_template, rows=self.config.max_batch,
-                                  threads=self.config.threads, max_length=self.config.max_context)
+        try:
+            self.runner = ModelRunner(model_dir, manifest.lora_template, rows=self.config.max_batch,
+                                      threads=self.config.threads, max_length=self.config.max_context,
+                                      execution_provider=manifest.target.execution_provider)
+        except ValueError as exc:
+            raise BundleError(f"{self.bundle_dir}: {exc}") from exc
         self.threads = self.runner.threads
         self.context_length = self.runner.max_length
         self.tokenizer = TextCodec(model_dir)

@@ -85,6 +85,26 @@ class GraphInfo:
         )
 
 
+# bundle.json target.execution_provider -> onnxruntime provider
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
+             "webgpu": "WebGpuExecutionProvider"}
+
+
+def session_providers(execution_provider: str, available: list[str]) -> list[str]:
+    """onnxruntime providers for a bundle's target; ValueError when this onnxruntime lacks it.
+
+    The KV cache and LoRA feeds live in host memory: on a GPU provider onnxruntime copies them per
+    step (correct, not fast; a device-resident cache is future work)."""
+    wanted = PROVIDERS.get(execution_provider, execution_provider)
+    if wanted == "CPUExecutionProvider":
+        return [wanted]
+    if wanted not in available:
+        raise ValueError(f"the bundle targets {execution_provider} ({wanted}), which this onnxruntime lacks "
+                         f"(it has {', '.join(available)}); install the onnxruntime build for that device or serve "
+                         "a cpu bundle")
+    return [wanted, "CPUExecutionProvider"]
+
+
 class KVCache:
     """Per-layer key/value buffers ``[rows, kv_heads, capacity, head_size]``; rows ``[0, n)`` are live."""
 
@@ -269,7 +289,7 @@ class ModelRunner:
     """
 
     def __init__(self, model_dir: Path, template: LoraTemplate, rows: int, threads: int | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, execution_provider: str = "cpu") -> None:
         import onnxruntime as ort
 
         self.info = GraphInfo.read(model_dir)
@@ -281,7 +301,7 @@ class ModelRunner:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(model_dir / self.info.model_file), options,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=session_providers(execution_provider, ort.get_available_providers()))
         # inputs with a default (the LoRA pairs and masks) are "overridable initializers" to onnxruntime
         io_types = {i.name: i.type for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
         kv_type = io_types.get(self.info.past_key % 0, "tensor(float)")

@@ -118,3 +118,12 @@ def test_batched_prefill_and_decode_equal_onnxruntime_genai(tiny_bundle: Path, r
     for (prompt, adapter), result in zip(cases, results, strict=True):
         file = tiny_bundle / "adapters" / f"{adapter}.onnx_adapter" if adapter else None
         assert result.text == reference.generate(prompt, file, 16)[0], (prompt, adapter)
+
+
+def test_gpu_bundle_without_its_provider_is_refused_in_one_line() -> None:
+    from slmops_serve.runner import session_providers
+
+    assert session_providers("cpu", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert session_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"
+    with pytest.raises(ValueError, match="targets cuda .*lacks"):
+        session_providers("cuda", ["CPUExecutionProvider"])
