@@ -107,6 +107,62 @@ class OgSingle:
         return (produced - 1) / seconds
 
 
+DEMO_PROMPTS = {  # the demo adapters' prompt templates (examples/train.yaml), user turn of the chat template
+    "tone": ("tone", "Classify the tone of this phrase as joy, sadness, anger, fear or surprise: {phrase}"),
+    "extract": ("extract", "Extract city, date and guests as JSON: {request}"),
+}
+
+
+def parity(bundle: Path, split: str, limit: int) -> dict[str, Any]:
+    """Greedy answers of the demo adapters' ``split`` rows, each alone vs all submitted at once
+    (batches of 8, mixed adapters), in-process on the server's engine. For each difference: the
+    first differing token and the top-2 logit margin there when run alone (a near-tie flips on
+    the rounding of a different kernel path, not on a wrong row)."""
+    import numpy as np
+    from slmops_serve.config import ServeConfig
+    from slmops_serve.engine import Engine, GenerationRequest
+
+    from slmops.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    cases: list[tuple[str, list[dict[str, str]]]] = []
+    for adapter, (folder, template) in DEMO_PROMPTS.items():
+        if adapter not in manifest.adapters:
+            continue
+        path = REPO / "examples" / folder / f"{split}.jsonl"
+        for line in path.read_text().splitlines()[:limit]:
+            row = json.loads(line)
+            cases.append((adapter, [{"role": "user", "content": template.format(**row)}]))
+    if not cases:
+        return {"skipped": "the bundle has no demo adapters (tone, extract)"}
+    engine = Engine(ServeConfig(bundle_dir=str(bundle), metrics_port=None, max_queue=len(cases)))
+    engine.load()
+    try:
+        alone = [engine.generate(GenerationRequest(messages=m, adapter=a, max_new_tokens=32)).text for a, m in cases]
+        gens = [engine.submit(GenerationRequest(messages=m, adapter=a, max_new_tokens=32)) for a, m in cases]
+        batched = [g.result().text for g in gens]
+        # the scheduler is idle now (every request finished): replay the differences on its runner
+        differences = []
+        assert engine.runner is not None and engine.tokenizer is not None and engine.registry is not None
+        for (adapter, messages), a, b in zip(cases, alone, batched, strict=True):
+            if a == b:
+                continue
+            prefix = 0
+            while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
+                prefix += 1
+            prompt_ids = engine.tokenizer.encode(engine.tokenizer.render_chat(messages) + a[:prefix])
+            entry = engine.registry.get(adapter)
+            assert entry is not None and engine.store is not None and engine.runner.bank is not None
+            feeds = engine.runner.bank.feeds([(entry.internal, engine.store.tensors(entry.internal))])
+            logits = engine.runner.prefill(0, np.asarray(prompt_ids), 0, feeds)
+            top = np.sort(logits)[-2:]
+            differences.append({"adapter": adapter, "alone": a, "batched": b, "first_diff_char": prefix,
+                                "top2_logit_margin_alone": round(float(top[1] - top[0]), 5)})
+    finally:
+        engine.close()
+    return {"split": split, "rows": len(cases), "identical": len(cases) - len(differences), "differences": differences}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -114,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     parser.add_argument("--streams", default="1,4,8")
     parser.add_argument("--long-prompt-tokens", type=int, default=1500)
+    parser.add_argument("--parity-split", default="eval", help="demo adapters' rows for the alone-vs-batched check")
+    parser.add_argument("--parity-rows", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "batching.json")
     args = parser.parse_args(argv)
 
@@ -238,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         report["server_exit_code"] = server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    console.print(f"greedy parity: demo adapters' {args.parity_split} rows alone vs batched")
+    report["parity"] = parity(bundle, args.parity_split, args.parity_rows)
     report["ratios"] = ratios
     report["load_average_after"] = list(os.getloadavg())
     report["goals_met"] = {
@@ -248,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"tok_s": report["tok_s"], "ratios": ratios, "ttft_ms": {k: report["ttft_ms"][k] for k in
                                                                               ("idle_p50", "busy4_p50")},
-                      "long_prompt": report["long_prompt"], "goals_met": report["goals_met"]}, indent=2))
+                      "long_prompt": report["long_prompt"], "goals_met": report["goals_met"],
+                      "parity": {k: v for k, v in report["parity"].items() if k != "differences"}}, indent=2))
     print(f"wrote {args.out}")
     return 0
 
