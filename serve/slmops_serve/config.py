@@ -22,6 +22,11 @@ class ServeConfig(BaseModel):
     host: str = Field("0.0.0.0", description="address the gRPC server binds")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
     metrics_port: int | None = Field(9090, ge=0, le=65535, description="Prometheus /metrics port (None = off, 0 = any free port)")
+    http_port: int | None = Field(None, ge=0, le=65535, description="OpenAI-compatible HTTP port (None = off, "
+                                  "0 = any free port), same process and engine as gRPC")
+    http_max_body_bytes: int = Field(4 << 20, ge=1024, description="largest HTTP request body; larger gets 413")
+    http_cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS "
+                                         "(none = CORS off: browsers on other origins cannot call the API)")
     max_batch: int = Field(8, ge=1, le=256, description="requests decoded together in one step (continuous batching)")
     max_queue: int = Field(16, ge=0, le=10_000, description="requests that may wait for a batch row; beyond it RESOURCE_EXHAUSTED")
     prefill_chunk: int = Field(256, ge=16, le=65_536, description="prompt tokens per prefill call: a longer prompt is "
@@ -74,7 +79,7 @@ class ServeConfig(BaseModel):
 
 def serve_config(values: dict[str, Any]) -> ServeConfig:
     """Validate ``values`` into a ServeConfig; errors name the option (the CLI exits 2)."""
-    values = {k.replace("-", "_"): v for k, v in values.items() if v is not None or k == "metrics_port"}
+    values = {k.replace("-", "_"): v for k, v in values.items() if v is not None or k in ("metrics_port", "http_port")}
     if not values.get("admin_token") and os.environ.get(ADMIN_TOKEN_ENV):
         values["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
     try:

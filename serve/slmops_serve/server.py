@@ -1,4 +1,5 @@
-"""The gRPC server: Generation, Adapters, grpc.health.v1.Health, reflection, Prometheus metrics.
+"""The gRPC server: Generation, Adapters, grpc.health.v1.Health, reflection, Prometheus metrics,
+and with ``http_port`` the OpenAI-compatible HTTP API (:mod:`slmops_serve.http_api`) on the same engine.
 
 Start-up order: bind the ports with health NOT_SERVING, load + warm the model, then SERVING.
 On SIGTERM/SIGINT: health NOT_SERVING, new generations UNAVAILABLE, in-flight ones get up to
@@ -53,6 +54,9 @@ class SlmopsServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.serving = False  # what gRPC health says for every service; HTTP /health agrees
+        self._http: Any = None
         self._grpc: grpc.Server | None = None
         self._metrics_http: Any = None
         self._watcher: AdapterWatcher | None = None
@@ -95,6 +99,15 @@ class SlmopsServer:
             self.port = server.add_insecure_port(bind)
         server.start()
         self._grpc = server
+        if config.http_port is not None:
+            from slmops_serve.http_api import HttpServer
+
+            self._http = HttpServer(self.engine, ready=lambda: self.serving)
+            try:
+                self.http_port = self._http.start()
+            except BaseException:
+                server.stop(grace=0)  # the HTTP port is taken: do not leave gRPC listening
+                raise
         if config.metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -103,7 +116,7 @@ class SlmopsServer:
             self.metrics_port = int(httpd.server_port)
         log.info("listening", extra={"fields": {
             "event": "listening", "grpc": bind.rsplit(":", 1)[0] + f":{self.port}", "tls": bool(config.tls_cert),
-            "metrics_port": self.metrics_port, "admin_token": bool(config.admin_token)}})
+            "metrics_port": self.metrics_port, "http_port": self.http_port, "admin_token": bool(config.admin_token)}})
         if not config.admin_token:
             log.warning("no --admin-token: anyone who reaches the port can load and unload adapters",
                         extra={"fields": {"event": "no_admin_token"}})
@@ -119,6 +132,7 @@ class SlmopsServer:
             self._watcher.start()
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = not self._stopped.is_set()
 
     def stop(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING, drain in-flight generations (up to ``grace`` s), stop. True if all finished."""
@@ -127,6 +141,7 @@ class SlmopsServer:
         self._stopped.set()
         grace = self.config.grace_period_s if grace is None else grace
         started = time.monotonic()
+        self.serving = False
         self.health.enter_graceful_shutdown()
         in_flight = self.engine.admitted
         log.info("draining", extra={"fields": {"event": "draining", "in_flight": in_flight, "grace_s": grace}})
@@ -136,6 +151,8 @@ class SlmopsServer:
         if self._grpc is not None:
             # Handlers are done or cancelled by now; give the last responses a moment to be sent.
             self._grpc.stop(grace=2.0).wait(5.0)
+        if self._http is not None:
+            self._http.stop()  # in-flight HTTP streams were drained with the engine above
         self.engine.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
