@@ -58,9 +58,10 @@ bundle: train
 
 PORT ?= 50051
 METRICS_PORT ?= 9090
+HTTP_PORT ?= 8000
 serve: install
 	@test -f $(BUNDLE_DIR)/bundle.json || $(MAKE) bundle TARGET=$(TARGET)
-	$(SLMOPS) serve $(BUNDLE_DIR) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(SLMOPS) serve $(BUNDLE_DIR) --port $(PORT) --metrics-port $(METRICS_PORT) --http-port $(HTTP_PORT)
 
 protos: install
 	$(PY) -m slmops_serve.protogen

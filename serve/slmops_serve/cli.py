@@ -19,6 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 SERVE_OPTION_FIELDS = {
     "watch_interval": "watch_interval_s", "grace_period": "grace_period_s",
     "unload_drain_timeout": "unload_drain_timeout_s", "max_new_tokens_limit": "max_new_tokens_limit",
+    "http_cors_origin": "http_cors_origins",
 }
 
 
@@ -36,6 +37,11 @@ def _load_yaml(path: str) -> dict[str, Any]:
 @click.option("--port", type=int, default=None, help="gRPC port, 0 = any free  [default: 50051]")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus /metrics port  [default: 9090]")
 @click.option("--no-metrics", is_flag=True, help="do not serve /metrics")
+@click.option("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this port "
+              "(/v1/chat/completions, /v1/completions, /v1/models), 0 = any free  [default: off]")
+@click.option("--http-max-body-bytes", type=int, default=None, help="largest HTTP request body (413 beyond)  [default: 4 MiB]")
+@click.option("--http-cors-origin", multiple=True, help="origin allowed to call the HTTP API from a browser "
+              "(repeatable)  [default: none, CORS off]")
 @click.option("--max-batch", type=int, default=None, help="requests decoded together in one step (continuous batching)  [default: 8]")
 @click.option("--max-queue", type=int, default=None, help="requests waiting for a batch row; more get RESOURCE_EXHAUSTED  [default: 16]")
 @click.option("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill call (running streams wait at most one)  [default: 256]")
@@ -60,13 +66,14 @@ def _load_yaml(path: str) -> dict[str, Any]:
 def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str | None, no_metrics: bool, force: bool,
                   **options: Any) -> None:
     """Serve BUNDLE_DIR (from `slmops build`) over gRPC: slmops.v1.Generation and Adapters, health,
-    reflection, Prometheus metrics. Adapters load, replace and unload while serving."""
+    reflection, Prometheus metrics; with --http-port also the OpenAI-compatible HTTP API on the same
+    engine. Adapters load, replace and unload while serving."""
     from slmops_serve.config import serve_config
 
     values = _load_yaml(config_file) if config_file else {}
     for key, value in options.items():
-        if value is not None:
-            values[SERVE_OPTION_FIELDS.get(key, key)] = value
+        if value is not None and value != ():
+            values[SERVE_OPTION_FIELDS.get(key, key)] = list(value) if isinstance(value, tuple) else value
     if bundle_dir is not None:
         values["bundle_dir"] = bundle_dir
     if not values.get("bundle_dir"):
@@ -87,11 +94,14 @@ def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str |
     if warning:
         click.echo(warning, err=True)
     _check_metrics_port(config.host, config.metrics_port)
+    _check_port("--http-port", config.host, config.http_port, "choose another port")
     from slmops_serve.server import serve
 
     try:
         code = serve(config)
     except RuntimeError as exc:
+        if str(exc).startswith("--http-port: "):  # taken between the check and the bind
+            raise SlmopsUsageError("--http-port", str(exc).removeprefix("--http-port: ")) from exc
         if "bind" in str(exc).lower() or "port" in str(exc).lower():
             raise SlmopsUsageError("--port", f"cannot listen on {config.host}:{config.port} ({exc}); choose another port") from exc
         raise
@@ -105,6 +115,11 @@ def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str |
 
 def _check_metrics_port(host: str, port: int | None) -> None:
     """Refuse a taken metrics port before the bundle is loaded (one line, not prometheus' traceback)."""
+    _check_port("--metrics-port", host, port, "choose another port or pass --no-metrics")
+
+
+def _check_port(option: str, host: str, port: int | None, fix: str) -> None:
+    """Refuse a taken port of ``option`` before the bundle is loaded (one line naming the option)."""
     import socket
 
     if not port:
@@ -116,8 +131,7 @@ def _check_metrics_port(host: str, port: int | None) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
     except OSError as exc:
-        raise SlmopsUsageError("--metrics-port", f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
-                               "choose another port or pass --no-metrics") from exc
+        raise SlmopsUsageError(option, f"cannot listen on {host}:{port} ({exc.strerror or exc}); {fix}") from exc
 
 
 # ---- clients ------------------------------------------------------------------------------------

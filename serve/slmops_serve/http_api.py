@@ -814,8 +814,8 @@ class HttpApi:
 
 
 class HttpServer:
-    """uvicorn serving :class:`HttpApi` in a thread of this process; ``start()`` binds (OSError when the
-    port is taken) and returns the port, ``stop()`` closes it."""
+    """uvicorn serving :class:`HttpApi` in a thread of this process; ``start()`` binds (RuntimeError
+    naming --http-port when the port is taken) and returns the port, ``stop()`` closes it."""
 
     def __init__(self, engine: Engine, ready: Callable[[], bool]) -> None:
         self.api = HttpApi(engine, ready)
@@ -837,9 +837,10 @@ class HttpServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, config.http_port))
             sock.listen(2048)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise RuntimeError(f"--http-port: cannot listen on {config.host}:{config.http_port} ({exc.strerror or exc}); "
+                               "choose another port") from exc
         sock.set_inheritable(True)
         self.port = int(sock.getsockname()[1])
         app: ASGIApp = self.api.app

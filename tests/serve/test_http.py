@@ -449,3 +449,68 @@ def test_every_bad_constraint_is_400(hserver: Any, extra: dict[str, Any], param:
     assert status == 400, body
     assert body["error"]["param"].startswith(param) and body["error"]["type"] == "invalid_request_error", body
     assert hserver.engine.admitted == 0
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_slmops_serve_http_port_serves_both_apis_and_exits_0_on_sigterm(tiny_bundle: Path) -> None:
+    import os
+    import signal
+    import sys
+    import urllib.error
+    import urllib.request
+
+    port, http_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slmops.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1",
+                             "--port", str(port), "--http-port", str(http_port), "--no-metrics", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SLMOPS_ADMIN_TOKEN": ""})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, "HTTP /health never turned 200"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x", max_retries=0, timeout=60)
+        text = client.completions.create(model="tone", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+        from slmops_serve.client import SlmopsClient
+
+        with SlmopsClient(f"127.0.0.1:{port}", timeout=60) as grpc_client:
+            assert grpc_client.generate(PROMPT, adapter="tone", max_new_tokens=8).text == text
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert '"http_port": ' + str(http_port) in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_taken_http_port_is_one_line_naming_the_option(tiny_bundle: Path) -> None:
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "slmops.cli", "serve", str(tiny_bundle), "--host", "127.0.0.1",
+                              "--port", "0", "--no-metrics", "--http-port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "--http-port" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
