@@ -4,6 +4,7 @@ contexts and a difference in text named with its numeric reason.
 
     python greedy_probe.py BUNDLE_DIR STEPS PROMPTS_JSON ADAPTERS_JSON   -> JSON on stdout
 
+PROMPTS_JSON: a list of raw prompts (strings) or chats (lists of {"role", "content"}).
 ADAPTERS_JSON: a list of adapter names ("" = base model). Output: one row per (prompt, adapter):
 ``tokens`` (the greedy ids) and ``logits`` (each step's full logit vector: tiny vocabularies only).
 It drives the server's own model runner and text codec (slmops_serve.runner / .text), one row at
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 
-def main(bundle: str, steps: int, prompts: list[str], adapters: list[str]) -> list[dict]:
+def main(bundle: str, steps: int, prompts: list, adapters: list[str]) -> list[dict]:
     import numpy as np
     import onnxruntime as ort
     from slmops_serve.runner import ModelRunner
@@ -36,7 +37,8 @@ def main(bundle: str, steps: int, prompts: list[str], adapters: list[str]) -> li
             tensors[name] = {k: v.numpy().copy() for k, v in params.items()}
     rows = []
     for prompt in prompts:
-        ids = codec.encode(prompt)
+        # a string is a raw prompt; a list of {"role", "content"} is a chat, rendered by the bundle's template
+        ids = codec.encode(prompt if isinstance(prompt, str) else codec.render_chat(prompt))
         for name in adapters:
             lora = runner.bank.feeds([(name, tensors[name])]) if name and runner.bank is not None else {}
             key = name or None

@@ -99,6 +99,11 @@ def arm64_bundle(tiny_model_dir: Path, tiny_runs: dict[str, Path], tmp_path_fact
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["target"]["name"] == "cpu-arm64" and manifest["target"]["arch"] == "arm64"
     assert manifest["target"]["precision"] == "int4"
+    import onnx  # the target's kernel settings reached every 4-bit MatMulNBits
+
+    graph = onnx.load(str(bundle / "model" / "model.onnx"), load_external_data=False).graph
+    nbits = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a["block_size"] == 32 and a["accuracy_level"] == 4 for a in nbits), nbits[:2]
     return readable_copy(bundle, tmp_path_factory.mktemp("arm64-bundle-ro") / "cpu-arm64")
 
 

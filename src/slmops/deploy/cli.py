@@ -17,9 +17,13 @@ from slmops.deploy import CONTAINER_METRICS_PORT, CONTAINER_PORT
 from slmops.errors import SlmopsUsageError
 
 DEFAULT_IMAGE = f"slmops-serve:{__version__}"
-# The serve container's peak RSS on the default int4 bundle (135M model, both demo adapters) was
-# measured at PEAK_RSS_NOTE; the default limit leaves room for more adapters and longer prompts.
-DEFAULT_MEMORY = "1g"
+# The default --memory, from the serve container's measured peak: 0.54 GB RSS (VmHWM) serving the
+# default 135M int4 model to 8 concurrent requests of ~455 tokens (the server's default --max-batch
+# 8). The KV cache grows with context: 46 KB per position per row for this model (30 layers x K,V x
+# 3 KV heads x 64 x fp32), so 8 rows at the default --max-context 4096 add ~1.5 GB. 2g covers that
+# worst case of the default settings and still leaves most of a 4 GB Pi 5 to the system; a bigger
+# model, more rows or longer contexts need a larger --memory (or 0 for none).
+DEFAULT_MEMORY = "2g"
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
