@@ -383,6 +383,7 @@ class Engine:
         self.load_seconds = 0.0
         self._lock = threading.Condition()
         self._tokenizer_lock = threading.Lock()
+        self._metrics_lock = threading.Lock()
         self._admitted = 0
         self._accepting = False
         self._draining = False  # set once by drain/close: a load that finishes later must not reopen
@@ -801,8 +802,10 @@ class Engine:
     def _adapters_changed(self) -> None:
         if self.registry is None:
             return
-        entries = self.registry.entries()
-        self.metrics.adapters_loaded.set(len(entries))
-        self.metrics.adapter_info.clear()
-        for entry, _ in entries:
-            self.metrics.adapter_info.labels(entry.name, entry.sha256).set(1)
+        # one writer at a time: a watcher load racing an API unload must not interleave clear/set
+        with self._metrics_lock:
+            entries = self.registry.entries()
+            self.metrics.adapters_loaded.set(len(entries))
+            self.metrics.adapter_info.clear()
+            for entry, _ in entries:
+                self.metrics.adapter_info.labels(entry.name, entry.sha256).set(1)

@@ -12,6 +12,7 @@ changes, so a failed load leaves the loaded set as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -93,8 +94,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "path") -> AdapterFile:
+def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "path", display: str | None = None) -> AdapterFile:
     """Read ``path`` with onnxruntime and check it against the bundle's adapter ABI (names, shapes, dtype).
+    Messages name the file ``display`` (the user's name for it; default ``path.name``).
 
     Raises:
         ServeError: INVALID_ARGUMENT for a file that is not an .onnx_adapter, FAILED_PRECONDITION for
@@ -102,6 +104,7 @@ def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "pa
     """
     import onnxruntime as ort
 
+    shown = display or path.name
     if not template.inputs:
         raise ServeError(FAILED_PRECONDITION, field_name, "this bundle has no LoRA inputs (an adapter was merged into its "
                          "weights), so it takes no runtime adapters; build a bundle without --merge")
@@ -116,9 +119,9 @@ def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "pa
         del params, fmt
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError for any corrupt buffer
         detail = str(exc).rsplit(")", 1)[-1].strip() or type(exc).__name__
-        raise ServeError(INVALID_ARGUMENT, field_name, f"'{path.name}' is not a valid .onnx_adapter file ({detail[:160]})") from exc
+        raise ServeError(INVALID_ARGUMENT, field_name, f"'{shown}' is not a valid .onnx_adapter file ({detail[:160]})") from exc
     if not tensors:
-        raise ServeError(FAILED_PRECONDITION, field_name, f"'{path.name}' holds no LoRA tensors")
+        raise ServeError(FAILED_PRECONDITION, field_name, f"'{shown}' holds no LoRA tensors")
     expected = {item.name: item.shape for item in template.inputs}
     want_dtype = ORT_DTYPES.get(template.dtype, template.dtype)
     ranks: dict[str, dict[str, int]] = {}
@@ -267,7 +270,7 @@ class AdapterRegistry:
             raise ServeError(INVALID_ARGUMENT, "path", "set exactly one of path (a file in the adapter directory) or data (bytes)")
         started = time.perf_counter()
         with self._load_lock:
-            owned: Path | None = None
+            owned: Path
             if data is not None:
                 field_name = "data"
                 if len(data) > self.max_upload_bytes:
@@ -279,21 +282,29 @@ class AdapterRegistry:
                 if sha256 and got != sha256:
                     raise ServeError(FAILED_PRECONDITION, "sha256", f"checksum mismatch: the uploaded data has sha256 {got}, "
                                      f"not {sha256}; the upload is corrupt or the wrong file")
-                owned = self._upload_root() / f"{name}@{got[:12]}.{time.monotonic_ns()}{ADAPTER_SUFFIX}"
-                owned.write_bytes(data)
+                owned = self._write_private(name, data)
                 file_path = owned
             else:
                 field_name = "path"
-                file_path = Path(path) if trusted_path else self.resolve_path(str(path))  # type: ignore[arg-type]
+                source_path = Path(path) if trusted_path else self.resolve_path(str(path))  # type: ignore[arg-type]
+                try:
+                    data = source_path.read_bytes()
+                except OSError as exc:
+                    raise ServeError(NOT_FOUND if isinstance(exc, FileNotFoundError) else FAILED_PRECONDITION, "path",
+                                     f"cannot read '{path}': {exc.strerror or exc}") from exc
+                # check and load the SAME bytes: a private copy, so a file replaced after the
+                # check cannot be what onnxruntime reads
+                owned = self._write_private(name, data)
+                file_path = owned
+            display = f"upload for '{name}'" if field_name == "data" else Path(str(path)).name
             try:
                 current = self._current.get(name)
-                checked = check_adapter_file(file_path, self.template, field_name)
+                checked = check_adapter_file(file_path, self.template, field_name, display=display)
                 if sha256 and checked.sha256 != sha256:
                     raise ServeError(FAILED_PRECONDITION, "sha256", f"checksum mismatch: '{file_path.name}' has sha256 "
                                      f"{checked.sha256}, not {sha256}")
                 if current is not None and current.sha256 == checked.sha256:
-                    if owned is not None:
-                        owned.unlink(missing_ok=True)
+                    owned.unlink(missing_ok=True)
                     return LoadResult(current, None, True, (time.perf_counter() - started) * 1000)
                 self._seq += 1
                 internal = f"{name}@{checked.sha256[:8]}.{self._seq}"
@@ -303,10 +314,13 @@ class AdapterRegistry:
                     except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with its reason
                         raise ServeError(FAILED_PRECONDITION, field_name, f"onnxruntime-genai refused the adapter: {exc}") from exc
             except BaseException:
-                if owned is not None:
-                    owned.unlink(missing_ok=True)
+                owned.unlink(missing_ok=True)
                 raise
-            entry = LoadedAdapter(name=name, internal=internal, file=checked, source=source, owned_path=owned)
+            # the engine holds the tensors in memory: the private copy is not needed any more
+            owned.unlink(missing_ok=True)
+            shown_path = Path(str(path)) if field_name == "path" else Path(display)
+            entry = LoadedAdapter(name=name, internal=internal, file=dataclasses.replace(checked, path=shown_path),
+                                  source=source, owned_path=None)
             with self._lock:
                 previous = self._current.get(name)
                 self._current[name] = entry
@@ -393,6 +407,16 @@ class AdapterRegistry:
             if entry in self._retired:
                 self._retired.remove(entry)
             self._lock.notify_all()
+
+    def _write_private(self, name: str, data: bytes) -> Path:
+        """``data`` in a server-owned file; no partial file is left behind when writing fails."""
+        target = self._upload_root() / f"{name}@{sha256_bytes(data)[:12]}.{time.monotonic_ns()}{ADAPTER_SUFFIX}"
+        try:
+            target.write_bytes(data)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise ServeError(FAILED_PRECONDITION, "data", f"the server cannot store the adapter: {exc.strerror or exc}") from exc
+        return target
 
     def _upload_root(self) -> Path:
         if self._upload_dir is None:

@@ -28,7 +28,15 @@ from slmops_serve.engine import (
     Engine,
     GenerationRequest,
 )
-from slmops_serve.errors import INVALID_ARGUMENT, UNAVAILABLE, ServeError
+from slmops_serve.errors import (
+    INTERNAL,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    ServeError,
+)
 from slmops_serve.metrics import ServeMetrics
 from slmops_serve.registry import AdapterRegistry, LoadedAdapter
 
@@ -118,6 +126,19 @@ def _timings(chunk: Chunk) -> generation_pb2.Timings:
                                   decode_tokens_per_second=chunk.decode_tps)
 
 
+def unexpected_error(exc: BaseException) -> ServeError:
+    """The status an unexpected exception means for the client (never a silent OK/UNKNOWN)."""
+    if isinstance(exc, FileNotFoundError):
+        return ServeError(NOT_FOUND, "", f"a file disappeared while the server read it: {exc.filename or exc}")
+    if isinstance(exc, PermissionError):
+        return ServeError(PERMISSION_DENIED, "", f"the server may not read {exc.filename or 'a file'}: {exc.strerror or exc}")
+    if isinstance(exc, MemoryError):
+        return ServeError(RESOURCE_EXHAUSTED, "", "the server ran out of memory; retry later or with less")
+    if isinstance(exc, OSError):
+        return ServeError(UNAVAILABLE, "", f"the server hit an I/O error: {exc.strerror or exc}; retry later")
+    return ServeError(INTERNAL, "", f"{type(exc).__name__}: {exc}")
+
+
 class _Call:
     """Bookkeeping of one RPC: status code for metrics, one JSON log line at the end."""
 
@@ -129,6 +150,13 @@ class _Call:
         self.started = time.perf_counter()
         self.code = "OK"
         self.fields: dict[str, Any] = {}
+
+    def fail_unexpected(self, exc: BaseException) -> None:
+        """An exception that is not a ServeError: answer (and count, and log) the status it means."""
+        if self.code != "OK":
+            raise exc  # grpc's own abort exception, raised by fail()
+        log.error("unexpected error", exc_info=exc, extra={"fields": {"event": "rpc_error", "method": self.method}})
+        self.fail(unexpected_error(exc))
 
     def fail(self, error: ServeError) -> None:
         self.code = error.code
@@ -183,6 +211,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 result = gen.result()
             except ServeError as error:
                 call.fail(error)
+            except Exception as exc:  # noqa: BLE001
+                call.fail_unexpected(exc)
             last = Chunk(text="", adapter=result.adapter, adapter_sha256=result.adapter_sha256,
                          finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
                          completion_tokens=result.completion_tokens, queue_ms=result.queue_ms, ttft_ms=result.ttft_ms,
@@ -218,6 +248,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             except GeneratorExit:
                 call.cancelled()  # grpc closed the stream (client gone)
                 raise
+            except Exception as exc:  # noqa: BLE001
+                call.fail_unexpected(exc)
             finally:
                 gen.cancel()  # no-op when finished; stops the worker when the stream ended early
         finally:
@@ -251,6 +283,10 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                 if method == "LoadAdapter":
                     self.metrics.adapter_load_failures.labels(error.code).inc()
                 call.fail(error)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, counted and logged
+                if method == "LoadAdapter" and call.code == "OK":
+                    self.metrics.adapter_load_failures.labels(unexpected_error(exc).code).inc()
+                call.fail_unexpected(exc)
         finally:
             call.done()
 

@@ -256,3 +256,27 @@ def test_a_merged_bundle_refuses_runtime_adapters(adapter_files: dict[str, Path]
     with pytest.raises(ServeError) as exc:
         check_adapter_file(adapter_files["tone"], merged)
     assert exc.value.code == "FAILED_PRECONDITION" and "merged" in str(exc.value)
+
+
+def test_unexpected_errors_get_a_status_and_are_counted(client: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError inside LoadAdapter is UNAVAILABLE for the client and in the metrics, not OK/UNKNOWN."""
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(server.engine.registry, "load", broken)
+    with pytest.raises(grpc.RpcError) as exc:
+        client.load_adapter("io-error", path="tone.onnx_adapter")
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "I/O error" in exc.value.details()
+    samples = {(s.labels.get("method"), s.labels.get("code")): s.value for m in server.metrics.registry.collect()
+               for s in m.samples if s.name == "slmops_requests_total"}
+    assert samples.get(("LoadAdapter", "UNAVAILABLE"), 0) >= 1
+
+
+def test_a_refused_upload_is_named_for_the_user_and_leaves_no_file(client: Any, server: Any) -> None:
+    registry = server.engine.registry
+    with pytest.raises(grpc.RpcError) as exc:
+        client.load_adapter("junk", data=b"not an adapter at all" * 8)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "upload for 'junk'" in exc.value.details() and "slmops-uploads" not in exc.value.details()
+    leftovers = list(registry._upload_root().glob("junk@*"))
+    assert leftovers == []
