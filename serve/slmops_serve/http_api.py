@@ -25,6 +25,7 @@ maintained, typed, and need no C extension. The engine interface is blocking, so
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -329,19 +330,30 @@ _END = object()
 
 class _Pump:
     """Iterates an admitted Generation in its own thread (it blocks), handing each chunk (or the
-    error) to the event loop. ``cancel()`` stops the generation within one step."""
+    error) to the event loop. ``cancel()`` stops the generation within one step.
+
+    The thread wakes the loop only when it is not already woken: while the loop is busy, chunks
+    pile up and are read (and joined) in one go, instead of one wake-up per token."""
 
     def __init__(self, gen: Generation) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.gen = gen
+        self._items: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._ready = asyncio.Event()
         threading.Thread(target=self._run, name="slmops-http-stream", daemon=True).start()
 
     def _put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (server stopping): nobody reads any more
-            self.gen.cancel()
+        with self._lock:
+            self._items.append(item)
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the event loop is closed (server stopping): nobody reads any more
+                self.gen.cancel()
 
     def _run(self) -> None:
         try:
@@ -355,8 +367,21 @@ class _Pump:
         self.gen.cancel()
 
     async def next(self) -> Any:
-        """The next item: a Chunk or ``_END``; a ServeError is raised."""
-        item = await self.queue.get()
+        """The next item: a Chunk or ``_END``; a ServeError is raised. Text chunks already waiting
+        come joined in one (a slow client gets fewer, larger events, as over gRPC)."""
+        while True:
+            with self._lock:
+                if self._items:
+                    item = self._items.popleft()
+                    while isinstance(item, Chunk) and item.finish_reason is None and self._items \
+                            and isinstance(self._items[0], Chunk):
+                        following = self._items.popleft()
+                        following.text = item.text + following.text
+                        item = following
+                    break
+                self._wake_pending = False
+                self._ready.clear()
+            await self._ready.wait()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -628,6 +653,13 @@ class HttpApi:
                 payload["usage"] = None
             return _sse(payload)
 
+        # a text event is this template with the text's JSON in the middle (one dumps of the text)
+        head, tail = event("", None).split(b'"content":""' if chat else b'"text":""', 1)
+        key = b'"content":' if chat else b'"text":'
+
+        def text_event(text: str) -> bytes:
+            return head + key + json.dumps(text, ensure_ascii=False).encode() + tail
+
         if chat:
             yield event(None, None, role=True)
         item = first
@@ -638,7 +670,7 @@ class HttpApi:
                 chunk: Chunk = item
                 if chunk.finish_reason is None:
                     if chunk.text:
-                        yield event(chunk.text, None)
+                        yield text_event(chunk.text)
                 else:
                     call.finish(chunk)
                     if chunk.finish_reason == FINISH_CANCELLED:
@@ -647,7 +679,7 @@ class HttpApi:
                         yield _sse("[DONE]")
                         return
                     if chunk.text:
-                        yield event(chunk.text, None)
+                        yield text_event(chunk.text)
                     yield event(None if chat else "", FINISH_REASONS.get(chunk.finish_reason, "stop"))
                     if include_usage:
                         yield _sse({"id": rid, "object": obj, "created": created, "model": model,
@@ -851,7 +883,7 @@ class HttpServer:
         ssl: dict[str, Any] = {}
         if config.tls_cert and config.tls_key:
             ssl = dict(ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
-        uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", loop="asyncio",
+        uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", loop="asyncio", http="h11",
                                    timeout_graceful_shutdown=5, timeout_keep_alive=30, **ssl)
         server = uvicorn.Server(uv_config)
         self._server = server
