@@ -90,6 +90,12 @@ def _auto_opt(**options: Any) -> Any:
             raise SlmopsUsageError(f"--{flag}", "slmops bundles are always ONNX Runtime GenAI models made by the "
                                    "model builder; leave it out (or true)")
     adapter_path = options.pop("adapter_path", None)
+    model = options.get("model_name_or_path")
+    if model and (Path(model) / "model").is_dir() and (Path(model) / "adapter").is_dir():
+        # a finetune output folder, as olive reads a previous command's output: its base and its adapter
+        options["model_name_or_path"] = str(Path(model) / "model")
+        if not adapter_path and not options.get("adapter"):
+            adapter_path = str(Path(model) / "adapter")
     if adapter_path:
         options["adapter"] = (*(options.get("adapter") or ()), adapter_path)
     _no_onnx_model(options.get("model_name_or_path"), "--model_name_or_path")

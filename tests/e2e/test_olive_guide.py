@@ -104,6 +104,13 @@ def test_2_auto_opt_reads_the_finetune_output(guide: dict[str, Any]) -> None:
     assert manifest["target"]["provider"] in (None, "CPUExecutionProvider") and manifest["target"]["name"] == "cpu"
 
 
+def test_2b_auto_opt_reads_a_finetune_output_folder_as_olive_reads_a_previous_output(guide: dict[str, Any]) -> None:
+    ok(slmops(guide, "auto-opt", "-m", "models/llama/ft", "--output_path", "models/llama/onnx-from-folder",
+              "--precision", "fp32", "--no-validate"))
+    manifest = json.loads((guide["work"] / "models/llama/onnx-from-folder/bundle.json").read_text())
+    assert list(manifest["adapters"]) == ["ft"] and manifest["target"]["precision"] == "fp32"
+
+
 def _guide_config(guide: dict[str, Any], **lora: Any) -> Path:
     """The guide's olive-config.yaml: DialoGPT -> default model (Llama modules), the guide's JSON dataset."""
     import yaml
