@@ -25,6 +25,7 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "list_yaml": "- 1\n- 2\n",
         "badpass_yaml": "input_model: {type: HfModel, model_path: default}\npasses:\n  q: {type: OnnxStaticQuantization}\n",
         "badfield_yaml": "input_model: {type: HfModel, model_path: default}\nevaluators: {}\npasses:\n  m: {type: ModelBuilder}\n",
+        "hubmodel_yaml": "input_model: {type: HfModel, model_path: org/not-here}\npasses:\n  m: {type: ModelBuilder}\n",
         "search_bad_yaml": "search_strategy: {type: grid}\nsearch_space: {learning_rate: {type: float, low: 1, high: 2}}\n",
     }
     for key, text in files.items():
@@ -74,6 +75,7 @@ CASES = [
     ("run-config-missing", ["run", "--config", "{missing}.yaml"], {2}, "--config"),
     ("run-no-config", ["run"], {2}, "--config"),
     ("run-unsupported-pass", ["run", "--config", "{badpass_yaml}"], {2}, "OnnxStaticQuantization"),
+    ("run-hub-model-offline", ["run", "--config", "{hubmodel_yaml}"], {2}, "could not be fetched"),
     ("run-unsupported-field", ["run", "--config", "{badfield_yaml}"], {2}, "evaluators"),
     ("inspect-missing", ["bundle", "inspect", "{missing}"], {1, 2}, "bundle.json"),
     ("inspect-corrupt", ["bundle", "inspect", "{corrupt}"], {1, 2}, "not readable JSON"),

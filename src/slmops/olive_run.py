@@ -428,6 +428,12 @@ def run_command(config_path: Path, setup: bool | None, list_required_packages: b
     missing = missing_packages(plan)
     if missing:
         raise click.ClickException(f"this workflow needs {missing}: pip install 'slmops[{','.join(missing)}]'")
+    from slmops.models import go_offline_if_hub_unreachable, is_default_model, resolve_model_path
+
+    model = str((plan.train or plan.build or {})["model_name_or_path"])
+    if not is_default_model(model) and not Path(model).exists():
+        go_offline_if_hub_unreachable()
+    resolve_model_path(model)  # a hub id offline fails here in a second, before torch is imported
     result: dict[str, Any] = {"output_dir": str(plan.output_dir)}
     if plan.train is not None:
         from slmops_train.config import build_config
