@@ -64,7 +64,7 @@ def _explicit(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="YAML with any of these options, and optionally `adapters:` name -> options for several adapters.")
 @click.option("--search", "search_path", type=click.Path(path_type=Path), default=None,
-              help="Hyperparameter search YAML (optuna): trains N trials and keeps the best adapter.")
+              help="Hyperparameter search YAML (optuna; params:, or the guide's search_strategy/search_space): trains N trials and keeps the best adapter.")
 @click.option("--only", "only", multiple=True, help="With -c: train only these adapters of the config (repeatable).")
 @config_options
 @olive_finetune_options
