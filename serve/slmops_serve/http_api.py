@@ -30,6 +30,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -169,6 +170,23 @@ class LoadAdapterBody(_Body):
     name: str
     path: str
     sha256: str = ""
+
+
+# pydantic names the union member that failed inside an error's location (``content.str``): not a field
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\]|function-.*)$")
+
+
+def _field_path(loc: Any) -> str:
+    """A validation error's location as the request names it: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_TAG.match(str(part)):
+            path += ("." if path else "") + str(part)
+    return path
 
 
 def _bad(field: str, message: str) -> ServeError:
@@ -701,8 +719,7 @@ class HttpApi:
         async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
             errors = exc.errors()
             err = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-            field = ".".join(loc).replace(".[", "[")
+            field = _field_path(err.get("loc", ()))
             message = str(err.get("msg", "invalid"))
             if err.get("type") == "json_invalid":
                 field, message = "body", "is not valid JSON"

@@ -207,6 +207,9 @@ def test_bad_fields_are_400_naming_the_param(oai: Any, extra: dict[str, Any], pa
 def test_wrong_types_and_bad_json_are_400(hserver: Any) -> None:
     status, _, body = request(hserver, "POST", "/v1/chat/completions", {"model": "", "messages": MESSAGES, "max_tokens": "many"})
     assert status == 400 and body["error"]["param"] == "max_tokens", body
+    status, _, body = request(hserver, "POST", "/v1/chat/completions",
+                              {"model": "", "messages": [{"role": "user", "content": 5}]})
+    assert status == 400 and body["error"]["param"] == "messages[0].content", body
     status, _, body = request(hserver, "POST", "/v1/completions", raw=b"{not json")
     assert status == 400 and body["error"]["type"] == "invalid_request_error", body
     status, _, body = request(hserver, "POST", "/v1/completions", {"model": ""})
