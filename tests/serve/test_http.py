@@ -534,3 +534,30 @@ def test_tls_serves_https_on_the_http_port(tiny_bundle: Path, tmp_path: Path) ->
         plain = openai.OpenAI(base_url=f"http://localhost:{srv.http_port}/v1", api_key="x", max_retries=0, timeout=5)
         with pytest.raises(openai.APIConnectionError):
             plain.models.list()
+
+
+def test_the_http_api_imports_no_training_dependencies(tiny_bundle: Path) -> None:
+    """The serve image installs only `.[serve]`: FastAPI/uvicorn must not pull in torch & co."""
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import json, sys, urllib.request
+        from slmops_serve.config import ServeConfig
+        from slmops_serve.server import SlmopsServer
+        server = SlmopsServer(ServeConfig(bundle_dir={str(tiny_bundle)!r}, host="127.0.0.1", port=0, metrics_port=None,
+                                          http_port=0, threads=1))
+        server.start()
+        server.load()
+        request = urllib.request.Request(f"http://127.0.0.1:{{server.http_port}}/v1/completions", method="POST",
+                                         data=json.dumps({{"model": "tone", "prompt": {PROMPT!r}, "max_tokens": 3}}).encode(),
+                                         headers={{"content-type": "application/json"}})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] == 3
+        server.stop(grace=1)
+        loaded = sorted(m for m in ("torch", "transformers", "peft", "datasets", "accelerate", "openai") if m in sys.modules)
+        print("LOADED", loaded)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout, proc.stdout
