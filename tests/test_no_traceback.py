@@ -115,3 +115,15 @@ def test_metrics_port_in_use_is_one_line(tiny_bundle: Path, tmp_path: Path) -> N
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output and LAST_RESORT not in output, output[-3000:]
     assert proc.returncode == 2 and "--metrics-port" in output and "--no-metrics" in output, output[-2000:]
+
+
+def test_cuda_fp32_adapter_on_qkv_is_refused_before_the_export(tiny_model_dir: Path, tiny_runs: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """The builder's cuda fp32 graph has a fused Attention op (no q/k/v MatMul): one line up front,
+    instead of the export's ONNX warnings and a --lora_modules hint that cannot help."""
+    out = tmp_path / "cuda32"
+    proc = run_cli(["build", "--target", "cuda", "--precision", "fp32", "-m", str(tiny_model_dir),
+                    "--adapter", f"tone={tiny_runs['tone']}", "--no-validate", "-o", str(out)], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-3000:]
+    assert "--precision" in proc.stderr and "'tone'" in proc.stderr and "fp16" in proc.stderr
+    assert not out.exists()

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmops.bundle import ABI_VERSION, SCHEMA_VERSION, AdapterInfo, BundleError, read_manifest, verify_files
-from slmops.errors import usage_error_from_validation
+from slmops.errors import SlmopsUsageError, usage_error_from_validation
 from slmops.fsutil import atomic_output_dir, sha256_file
 from slmops.models import resolve_model_path
 from slmops.targets import PRECISIONS, Target, get_target
@@ -196,6 +196,36 @@ def merge_adapter(model_dir: str | Path, adapter_dir: Path, out: Path) -> Path:
 
 
 # ---- the build ------------------------------------------------------------------------------
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fuses_qkv_into_attention(target: Target) -> bool:
+    """Whether the model builder's graph for ``target`` has no q/k/v MatMul to attach LoRA to.
+
+    With fp32 inputs on CUDA the builder cannot use GroupQueryAttention (fp16/bf16 only there) and
+    emits the packed contrib ``Attention`` op, which holds the q/k/v weights itself.
+    """
+    return target.execution_provider == "cuda" and target.precision == "fp32"
+
+
+def check_fused_attention(target: Target, lora_modules: list[str] | None, adapters: dict[str, Any], merge: bool) -> None:
+    """Refuse, before the export, adapters (or an explicit --lora_modules) on q/k/v for a graph that
+    cannot take them. The default modules then simply leave q/k/v out of the adapter ABI."""
+    if merge or not fuses_qkv_into_attention(target):
+        return
+    asked = sorted(set(lora_modules or []) & set(QKV))
+    if asked:
+        raise SlmopsUsageError("--lora_modules", f"{asked}: fp32 on {target.name} fuses q/k/v into one Attention op (no "
+                               "GroupQueryAttention in fp32 on CUDA), so they cannot take LoRA inputs; use --precision "
+                               f"fp16 (the {target.name} default) or leave them out")
+    bad = {name: sorted(set(a.modules) & set(QKV)) for name, a in adapters.items() if set(a.modules) & set(QKV)}
+    if bad:
+        first = next(iter(bad))
+        raise SlmopsUsageError("--precision", f"fp32 on {target.name} fuses q/k/v into one Attention op (no "
+                               f"GroupQueryAttention in fp32 on CUDA), so LoRA cannot reach {bad[first]} of adapter "
+                               f"'{first}'; use --precision fp16 (the {target.name} default) or --merge {first}")
+
+
 def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     """Build (or find up to date) the bundle ``config`` describes; return its folder."""
     from rich.console import Console
@@ -219,6 +249,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
         name: load_peft_adapter(name, path, base.sha256, None if merge else covered_modules(modules), merge=merge)
         for name, path in config.adapters.items()
     }
+    check_fused_attention(target, config.lora_modules, adapters, merge)
     key = build_key(config, target, modules, base.sha256, model_dir, {n: a.adapter_dir for n, a in adapters.items()})
     if is_up_to_date(out, key):
         validation = read_manifest(out).validation
