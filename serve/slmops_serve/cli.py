@@ -60,7 +60,8 @@ def _load_yaml(path: str) -> dict[str, Any]:
 @click.option("--tls-cert", default=None, help="PEM certificate: serve TLS (with --tls-key)")
 @click.option("--tls-key", default=None, help="PEM private key of --tls-cert")
 @click.option("--verify-bundle/--no-verify-bundle", default=None, help="re-hash bundle files at start  [default: verify]")
-@click.option("--log-level", default=None, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-level", default=None, callback=lambda _c, _p, v: _log_level_name(v), metavar="LEVEL",
+              help="DEBUG, INFO, WARNING, ERROR, or olive's 0-4 (0 DEBUG ... 3 ERROR, 4 CRITICAL)  [default: INFO]")
 @click.option("--force", is_flag=True, help="serve a bundle built for another CPU architecture (bundle.json target.arch)")
 @click.pass_context
 def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str | None, no_metrics: bool, force: bool,
@@ -111,6 +112,18 @@ def serve_command(ctx: click.Context, bundle_dir: str | None, config_file: str |
                                    "choose another port or pass --no-metrics") from exc
         raise
     ctx.exit(code)
+
+
+def _log_level_name(value: str | None) -> str | None:
+    """``--log-level``: a level name, or olive's ``--log_level`` number (0 DEBUG ... 4 CRITICAL)."""
+    if value is None:
+        return None
+    names = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    if value.strip().isdigit() and int(value) < len(names):
+        return names[int(value)]
+    if value.strip().upper() in names:
+        return value.strip().upper()
+    raise SlmopsUsageError("--log_level", f"'{value}' is not one of {names} or olive's 0-4")
 
 
 def _check_metrics_port(host: str, port: int | None) -> None:
