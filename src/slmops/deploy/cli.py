@@ -57,6 +57,18 @@ def engine_errors(host: str) -> Iterator[None]:
         raise click.ClickException(f"the Docker engine of {host} refused: {exc}") from exc
 
 
+def _mounts(values: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    out = []
+    for item in values:
+        parts = item.split(":")
+        mode = parts.pop() if len(parts) == 3 and parts[-1] in ("ro", "rw") else "ro"
+        if len(parts) != 2 or not all(p.startswith("/") for p in parts):
+            raise SlmopsUsageError("--mount", f"'{item}' is not HOST_PATH:PATH[:ro|rw] with absolute paths, e.g. "
+                                   "/srv/adapters:/adapters:ro")
+        out.append((parts[0], parts[1], mode))
+    return out
+
+
 def _size(option: str, value: str | None) -> str | None:
     """A Docker size (``768m``, ``2g``, ``512k``, bytes); ``0``/``none`` -> None (no limit)."""
     if value is None or value.strip().lower() in ("0", "none", ""):
@@ -94,6 +106,8 @@ def _registry(value: str | None) -> str | None:
               help="gzip the image stream  [default: on for remote hosts, off for local]")
 @click.option("--serve-arg", "serve_args", multiple=True, help="extra `slmops serve` argument (repeatable), e.g. --serve-arg=--threads=2")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE in the container (repeatable), e.g. SLMOPS_ADMIN_TOKEN=...")
+@click.option("--mount", "mounts", multiple=True, metavar="HOST_PATH:PATH[:ro|rw]",
+              help="bind-mount a path of the host into the server (repeatable; read-only unless :rw)")
 @click.option("--restart", type=click.Choice(["unless-stopped", "always", "on-failure", "no"]), default="unless-stopped",
               help="Docker restart policy of the server")
 @click.option("--memory", default=DEFAULT_MEMORY, metavar="SIZE",
@@ -109,7 +123,8 @@ def _registry(value: str | None) -> str | None:
 @click.pass_context
 def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image: str, registry: str | None, name: str,
                  port: int, metrics_port: int, no_metrics: bool, bind: str, timeout: float, compress: bool | None,
-                 serve_args: tuple[str, ...], env: tuple[str, ...], restart: str, memory: str | None, cpus: float | None,
+                 serve_args: tuple[str, ...], env: tuple[str, ...], mounts: tuple[str, ...], restart: str,
+                 memory: str | None, cpus: float | None,
                  read_only: bool, tmp_size: str, log_max_size: str, log_max_files: int, force: bool, as_json: bool) -> None:
     """Ship the serve image and a bundle to a Docker host and start it there, health-checked.
 
@@ -139,7 +154,7 @@ def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image:
                          compress=compress, timeout=timeout, serve_args=list(serve_args), env=_env_pairs(env),
                          restart=restart, force=force, memory=_size("--memory", memory), cpus=cpus, read_only=read_only,
                          tmp_size=_size("--tmp-size", tmp_size) or "256m", log_max_size=_size("--log-max-size", log_max_size) or "10m",
-                         log_max_files=log_max_files)
+                         log_max_files=log_max_files, mounts=_mounts(mounts))
     if cpus is not None and cpus <= 0:
         raise SlmopsUsageError("--cpus", f"{cpus} must be > 0 (e.g. 2)")
     if log_max_files < 1:

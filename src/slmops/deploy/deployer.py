@@ -74,6 +74,8 @@ class DeployOptions:
     tmp_size: str = "256m"  # size of that /tmp tmpfs (uploaded adapters live there)
     log_max_size: str = "10m"
     log_max_files: int = 3
+    # Extra bind mounts on the host: (host path, container path, "ro" | "rw").
+    mounts: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -292,7 +294,7 @@ def _sayer(out: TextIO | None) -> Callable[[str], None]:
 def _config_key(opts: DeployOptions, image_id: str, bundle_sha: str | None) -> str:
     blob = json.dumps([image_id, bundle_sha, opts.port, opts.metrics_port, opts.bind, opts.serve_args,
                        sorted(opts.env.items()), opts.restart, opts.memory, opts.cpus, opts.read_only, opts.tmp_size,
-                       opts.log_max_size, opts.log_max_files], sort_keys=True)
+                       opts.log_max_size, opts.log_max_files, opts.mounts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -316,7 +318,8 @@ def _create(target: Any, opts: DeployOptions, image_ref: str, volume: str | None
         command += ["--metrics-port", str(CONTAINER_METRICS_PORT)]
     host_config = api.create_host_config(
         port_bindings=bindings,
-        binds={volume: {"bind": BUNDLE_MOUNT, "mode": "ro"}} if volume else None,
+        binds={**({volume: {"bind": BUNDLE_MOUNT, "mode": "ro"}} if volume else {}),
+               **{src: {"bind": dst, "mode": mode} for src, dst, mode in opts.mounts}} or None,
         init=True,
         restart_policy={"Name": opts.restart} if opts.restart != "no" else None,
         log_config=docker.types.LogConfig(type="json-file", config={"max-size": opts.log_max_size,
