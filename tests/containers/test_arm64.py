@@ -246,11 +246,26 @@ class _ArchProxy(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():  # put_archive streams its tar
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            body = b"".join(parts)
         conn = http.client.HTTPConnection("localhost")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.socket_path)
         conn.sock = sock
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        # No protocol upgrade through the proxy: the engine then streams an exec's or attach's output
+        # as a plain response that ends when the connection closes, and so does the proxy.
+        hijack = self.headers.get("Upgrade") is not None
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "content-length", "connection", "upgrade", "transfer-encoding")}
         conn.request(self.command, self.path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
@@ -263,6 +278,9 @@ class _ArchProxy(BaseHTTPRequestHandler):
             if key.lower() not in ("content-length", "transfer-encoding", "connection"):
                 self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
+        if hijack:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
         conn.close()
@@ -348,3 +366,41 @@ def test_deploy_picks_the_image_of_the_host_arch(docker_client: Any, images: dic
     assert pick_image(docker_client, docker_client, ref, "arm64", host, said.append) == ARM64_IMAGE
     assert said and "linux/arm64" in said[-1]
     assert pick_image(docker_client, docker_client, "slmops-not-built:1", "arm64", host, said.append) == "slmops-not-built:1"
+
+
+def test_deploy_cpu_arm64_bundle_to_an_arm64_host(docker_client: Any, images: dict[str, Any], arm64_image: Any,
+                                                  arm64_host: str, arm64_bundle: Path, tmp_path: Path) -> None:
+    """The whole flow to an arm64 host: the engine says aarch64, so `--image slmops-serve:VERSION`
+    ships its -arm64 build; the bundle is copied, the server starts (emulated here, hence the ARM
+    cpuinfo mount, which a real board does not need), becomes SERVING and answers; status says arm64."""
+    from slmops.deploy.deployer import prune_bundle_volumes
+
+    name = f"slmops-armtest-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {"SLMOPS_DEPLOY_STATE": str(tmp_path / "deployments.json")}
+    args = ["deploy", "--host", arm64_host, "--bundle", str(arm64_bundle), "--name", name, "--port", str(port),
+            "--no-metrics", "--bind", "127.0.0.1", "--timeout", str(EMULATED_SERVING_TIMEOUT), "--json"]
+    if not host_is_arm64():
+        args += ["--mount", f"{CPUINFO}:/proc/cpuinfo:ro"]
+    try:
+        t = time.monotonic()
+        proc = run_slmops(args, env=env, timeout=1200)
+        wall = time.monotonic() - t
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout)
+        assert result["status"] == "deployed" and result["arch"] == "arm64", result
+        assert result["image"] == ARM64_IMAGE, result
+        assert "shipping " + ARM64_IMAGE in proc.stderr
+        with wait_serving(f"127.0.0.1:{port}", timeout=60) as client:
+            assert client.generate(PROMPTS[0], adapter="tone", max_new_tokens=4).adapter == "tone"
+        status = run_slmops(["deploy", "status", "--host", arm64_host, "--json"], env=env)
+        rows = [r for r in json.loads(status.stdout) if r["name"] == name]
+        assert rows and rows[0]["arch"] == "arm64" and rows[0]["state"] == "running", status.stdout
+        print(f"\ndeploy to an arm64 host (emulated): image {result['image_transfer']['how']}, bundle "
+              f"{result['bundle_transfer']['how']} {result['bundle_transfer']['nbytes'] / 1e6:.1f} MB in "
+              f"{result['bundle_transfer']['seconds']:.1f}s, SERVING {result['serving_after_s']:.1f}s after start, "
+              f"{result['total_s']:.1f}s in all (CLI wall {wall:.1f}s)")
+    finally:
+        for c in docker_client.containers.list(all=True, filters={"label": f"io.slmops.deploy.name={name}"}):
+            c.remove(force=True)
+        prune_bundle_volumes(docker_client)
