@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--requests-per-stream", type=int, default=4, help="requests each client sends in one run")
     parser.add_argument("--adapter", default="", help="adapter of the protocol runs ('' = base)")
-    parser.add_argument("--guided-adapter", default="extract")
+    parser.add_argument("--guided-adapter", default="extract", help="adapter of the guided run (the base when the "
+                        "bundle lacks it; '' = the base)")
+    parser.add_argument("--skip-guided", action="store_true")
     parser.add_argument("--guided-rows", type=int, default=10, help="extract eval rows for the guided run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "http.json")
     args = parser.parse_args(argv)
@@ -292,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                                  | {"grpc_tok_s": record["grpc"]["tok_s_median"], "http_tok_s": record["http"]["tok_s_median"]}),
                       flush=True)
                 result["protocols"].append(record)
-        if args.guided_adapter and args.guided_adapter in manifest.get("adapters", {}):
+        if not args.skip_guided:
+            guided_adapter = args.guided_adapter if args.guided_adapter in manifest.get("adapters", {}) else ""
             rows = [json.loads(line)["request"] for line in
                     (REPO / "examples" / "extract" / "eval.jsonl").read_text().splitlines()[:args.guided_rows]]
-            result["guided"] = bench_guided(server, args.guided_adapter, rows, 96, 2)
+            result["guided"] = bench_guided(server, guided_adapter, rows, 96, 2)
             print(json.dumps(result["guided"]), flush=True)
     finally:
         server.stop()

@@ -347,20 +347,22 @@ _END = object()
 
 
 class _Pump:
-    """Iterates an admitted Generation in its own thread (it blocks), handing each chunk (or the
-    error) to the event loop. ``cancel()`` stops the generation within one step.
+    """Admits ``request`` and iterates its Generation in a worker thread (both block), handing the
+    Generation, then each chunk (or the ServeError) to the event loop. ``cancel()`` stops the
+    generation within one step, also when it comes before the admission.
 
     The thread wakes the loop only when it is not already woken: while the loop is busy, chunks
     pile up and are read (and joined) in one go, instead of one wake-up per token."""
 
-    def __init__(self, gen: Generation) -> None:
+    def __init__(self, engine: Engine, request: GenerationRequest, executor: ThreadPoolExecutor) -> None:
         self.loop = asyncio.get_running_loop()
-        self.gen = gen
+        self.gen: Generation | None = None
+        self._cancel_requested = False
         self._items: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
         self._wake_pending = False
         self._ready = asyncio.Event()
-        threading.Thread(target=self._run, name="slmops-http-stream", daemon=True).start()
+        executor.submit(self._run, engine, request)
 
     def _put(self, item: Any) -> None:
         with self._lock:
@@ -371,21 +373,32 @@ class _Pump:
             try:
                 self.loop.call_soon_threadsafe(self._ready.set)
             except RuntimeError:  # the event loop is closed (server stopping): nobody reads any more
-                self.gen.cancel()
+                self.cancel()
 
-    def _run(self) -> None:
+    def _run(self, engine: Engine, request: GenerationRequest) -> None:
         try:
-            for chunk in self.gen:
+            gen = engine.submit(request)
+            with self._lock:
+                self.gen = gen
+                cancelled = self._cancel_requested
+            if cancelled:
+                gen.cancel()
+            self._put(gen)
+            for chunk in gen:
                 self._put(chunk)
             self._put(_END)
         except BaseException as exc:  # noqa: BLE001 - ServeError or a bug: the handler answers it
             self._put(exc)
 
     def cancel(self) -> None:
-        self.gen.cancel()
+        with self._lock:
+            self._cancel_requested = True
+            gen = self.gen
+        if gen is not None:
+            gen.cancel()
 
     async def next(self) -> Any:
-        """The next item: a Chunk or ``_END``; a ServeError is raised. Text chunks already waiting
+        """The next item: the Generation (first), a Chunk or ``_END``; a ServeError is raised. Text chunks already waiting
         come joined in one (a slow client gets fewer, larger events, as over gRPC)."""
         while True:
             with self._lock:
@@ -494,7 +507,8 @@ class _SSEResponse(StreamingResponse):
     """A StreamingResponse that runs ``on_close`` however the stream ends (done, client gone, error)."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"cache-control": "no-cache", **headers})
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -512,8 +526,11 @@ class HttpApi:
         self.config = engine.config
         self.metrics = engine.metrics
         self.ready = ready
-        # admission (tokenizing) and admin calls block: they run here, off the event loop
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="slmops-http")
+        # One thread per request admits it and reads its chunks (both block): at most `capacity` are
+        # admitted at once, the spares answer the rest (429 when full) without waiting. Admin calls
+        # (adapter loads) have their own threads.
+        self.executor = ThreadPoolExecutor(max_workers=self.config.capacity + 8, thread_name_prefix="slmops-http")
+        self.admin_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slmops-http-admin")
         self.app = self._build()
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -588,10 +605,9 @@ class HttpApi:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 if body.stream_options is not None and not body.stream:
                     raise _bad("stream_options", "is only allowed with stream: true")
-                loop = asyncio.get_running_loop()
-                gen = await loop.run_in_executor(self.executor, self.engine.submit, engine_request)
-                pump = _Pump(gen)
+                pump = _Pump(self.engine, engine_request, self.executor)
                 watcher = asyncio.create_task(_watch_disconnect(request, pump.cancel))
+                gen: Generation = await pump.next()
                 call.fields.update(adapter=gen.adapter_name, adapter_sha256=gen.adapter_sha256[:12])
                 first = await pump.next()  # an error raised before the first token still gets its status
             except ServeError as error:
@@ -827,7 +843,7 @@ class HttpApi:
                 call.fields.update(adapter=parsed.name, source="path")
                 loop = asyncio.get_running_loop()
                 try:
-                    result = await loop.run_in_executor(api.executor, lambda: registry.load(
+                    result = await loop.run_in_executor(api.admin_executor, lambda: registry.load(
                         parsed.name, path=parsed.path, sha256=parsed.sha256, source="path"))
                 except ServeError as error:
                     api.metrics.adapter_load_failures.labels(error.code).inc()
@@ -853,7 +869,7 @@ class HttpApi:
                 call.fields.update(adapter=name)
                 loop = asyncio.get_running_loop()
                 entry, drained = await loop.run_in_executor(
-                    api.executor, lambda: registry.unload(name, timeout=api.config.unload_drain_timeout_s))
+                    api.admin_executor, lambda: registry.unload(name, timeout=api.config.unload_drain_timeout_s))
                 call.fields.update(sha256=entry.sha256[:12], drained=drained)
                 return {"name": entry.name, "sha256": entry.sha256, "drained": drained}
 
@@ -919,3 +935,4 @@ class HttpServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.api.executor.shutdown(wait=False, cancel_futures=True)
+        self.api.admin_executor.shutdown(wait=False, cancel_futures=True)

@@ -159,6 +159,16 @@ def test_stop_seed_and_length_map_to_openai_fields(hserver: Any, oai: Any) -> No
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
 
 
+def test_request_id_and_adapter_sha256_headers(hserver: Any) -> None:
+    status, headers, body = request(hserver, "POST", "/v1/completions", {"model": "tone", "prompt": PROMPT, "max_tokens": 3},
+                                    headers={"x-request-id": "trace-42"})
+    assert status == 200 and headers["x-request-id"] == "trace-42" and body["id"] == "cmpl-trace-42"
+    assert headers["x-slmops-adapter-sha256"] == hserver.engine.registry.get("tone").sha256
+    headers, events = sse_events(hserver, "/v1/completions", {"model": "", "prompt": PROMPT, "max_tokens": 3})
+    assert headers["x-slmops-adapter-sha256"] == "" and len(headers["x-request-id"]) == 16
+    assert {e["id"] for e in events if e != "[DONE]"} == {"cmpl-" + headers["x-request-id"]}
+
+
 def test_sse_framing_with_curl(hserver: Any) -> None:
     curl = shutil.which("curl")
     if curl is None:
