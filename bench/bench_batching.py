@@ -163,6 +163,49 @@ def parity(bundle: Path, split: str, limit: int) -> dict[str, Any]:
     return {"split": split, "rows": len(cases), "identical": len(cases) - len(differences), "differences": differences}
 
 
+def readme_block(report: dict[str, Any]) -> str:
+    """The README's concurrency figures, from a results JSON of this script."""
+    tok, ratios, adapters = report["tok_s"], report["ratios"], report["adapters"]
+    levels = sorted({int(k.split("@")[1]) for k in tok if k.split("@")[0] in ("none", "one", "mixed")})
+    names = list(adapters)
+    synthetic = [n for n, a in adapters.items() if a["synthetic"]]
+    mixes = {"none": "no adapter", "one": f"all on {names[0]}", "mixed": f"mixed: {', '.join(names)}"}
+    head = "| aggregate decode tok/s | " + " | ".join(f"{n} stream{'s' if n > 1 else ''}" for n in levels) + " |"
+    rows = [head, "|" + "---|" * (1 + len(levels))]
+    for key, label in mixes.items():
+        cells = [f"{tok[f'{key}@{n}']}" + (f" ({ratios[f'{key}@{n}']:.2f}x)" if n > 1 else "") for n in levels]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    one = names[0]
+    ttft, long = report["ttft_ms"], report["long_prompt"]
+    lines = [
+        f"`{report.get('command', 'bench/bench_batching.py')}`; `slmops serve` with its defaults, {report['threads']} "
+        f"threads, {report['tokens']} forced tokens per stream, {report['rounds']} interleaved rounds, medians; "
+        f"load average {report['load_average_before'][0]:.1f} before, {report['load_average_after'][0]:.1f} after "
+        "(2-core x86_64). Ratios are against 1 stream of the same mix (for the mix, one stream at a time "
+        f"cycling through its adapters). {', '.join(synthetic) + ' are synthetic adapters (bench/synthetic.py: same shapes as trained ones, random values); ' if synthetic else ''}"
+        "goals: >= 2.0x at 4 streams, >= 2.6x at 8.",
+        "", *rows, "",
+        f"- A lone stream against onnxruntime-genai's og.Generator in-process (the engine before batching, no gRPC on "
+        f"its side): {tok['server_decode@none']} vs {tok['og_decode@none']} tok/s without adapter "
+        f"({ratios['single_vs_og@none']:.2f}x), {tok[f'server_decode@{one}']} vs {tok[f'og_decode@{one}']} with {one} "
+        f"({ratios[f'single_vs_og@{one}']:.2f}x); goal >= 0.97x.",
+        f"- Time to first token: {ttft['idle_p50']} ms idle, {ttft['busy4_p50']} ms while 4 streams decode "
+        f"({ratios['ttft_busy_vs_idle']:.2f}x; goal <= 2x).",
+        f"- A {long['prompt_chars']}-character prompt arriving while 4 streams decode: prefilled in "
+        f"{long['prefill_wall_ms']} ms in chunks; the longest pause of a running stream meanwhile was "
+        f"{long['max_gap_ms_during']} ms (their usual gap: {long['gap_ms_p50_before']} ms).",
+    ]
+    parity_report = report.get("parity", {})
+    if "rows" in parity_report:
+        diffs = parity_report["differences"]
+        margins = ", ".join(f"{d['top2_logit_margin_alone']}" for d in diffs)
+        lines.append(f"- Greedy answers of the demo adapters' {parity_report['split']} rows, alone vs all at once "
+                     f"(batches of 8, mixed adapters): {parity_report['identical']}/{parity_report['rows']} identical"
+                     + (f"; each difference starts at a near-tie (top-2 logit margin {margins} when run alone)"
+                        if diffs else "") + ".")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -207,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds, "prompt": PROMPT, "server_flags": "defaults (no tuning flags)",
         "adapters": {n: {"synthetic": synthetic[n], "bytes": files[n].stat().st_size} for n in mix},
         "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_average_before": list(os.getloadavg()), "goals": GOALS}
+        "load_average_before": list(os.getloadavg()), "goals": GOALS,
+        "command": "python bench/bench_batching.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     server = ServerProcess(bundle, adapter_dir, None, workdir / "server.log")
     try:
         with SlmopsClient(f"127.0.0.1:{server.port}", timeout=600) as client:
