@@ -132,7 +132,7 @@ def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image:
     slmops deploy --bundle dist/bundles/cpu                         # this machine's Docker engine
     slmops deploy --host ssh://pi@edge-1 --bundle dist/bundles/cpu  # image via docker save | load
     slmops deploy --host ssh://pi@edge-1 --registry reg.lan:5000 --bundle dist/bundles/cpu
-    slmops deploy --host ssh://pi@pi5 --bundle dist/bundles/cpu-arm64 --memory 1g --cpus 3  # an arm64 board
+    slmops deploy --host ssh://pi@pi5 --bundle dist/bundles/cpu-arm64 --memory 2g --cpus 3  # an arm64 board
     slmops deploy status                                            # what runs where
     slmops deploy rollback --host ssh://pi@edge-1                   # back to NAME-previous
 
