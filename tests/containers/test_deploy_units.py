@@ -120,3 +120,10 @@ def test_bundle_arch_refusal_names_the_target_to_build(tmp_path: Path) -> None:
         check_bundle_arch(tmp_path, manifest, "arm64", host)  # type: ignore[arg-type]
     assert err.value.option == "--bundle" and "--target cpu-arm64" in err.value.message
     assert "was built for amd64 (target cpu)" in err.value.message
+    # a cpu-arm64 bundle beside it (dist/bundles/cpu and dist/bundles/cpu-arm64): named, not rebuilt
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu-arm64").mkdir()
+    (tmp_path / "cpu-arm64" / "bundle.json").write_text("{}")
+    with pytest.raises(SlmopsUsageError) as err:
+        check_bundle_arch(tmp_path / "cpu", manifest, "arm64", host)  # type: ignore[arg-type]
+    assert f"pass --bundle {tmp_path / 'cpu-arm64'}" in err.value.message

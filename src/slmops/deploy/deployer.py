@@ -164,8 +164,14 @@ def check_bundle_arch(bundle: Path, manifest: BundleManifest, arch: str, host: H
     if built_for is None or built_for == arch:
         return
     right = TARGET_FOR_ARCH.get(arch)
-    how = (f"build one with `slmops build --target {right}` (make bundle TARGET={right} writes dist/bundles/{right}) "
-           "and pass it as --bundle") if right else f"build a bundle for {arch}"
+    sibling = bundle.parent / right if right else None
+    if sibling is not None and (sibling / BUNDLE_JSON).is_file():
+        how = f"pass --bundle {sibling} (built for target {right})"
+    elif right:
+        how = (f"build one with `slmops build --target {right}` (make bundle TARGET={right} writes "
+               f"dist/bundles/{right}) and pass it as --bundle")
+    else:
+        how = f"build a bundle for {arch}"
     raise SlmopsUsageError("--bundle", f"'{bundle}' was built for {built_for} (target {manifest.target.name}) and {host} "
                            f"runs {arch}; {how}")
 
