@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # images, wheelhouse, base image; IN_DOCKER=1 runs train/build inside their images
 include mk/docker.mk
 
-.PHONY: install test test-fast lint train model bundle serve protos clean help build bench-serve bench-lora bench-peers
+.PHONY: install test test-fast lint train model bundle serve protos clean help build bench-serve bench-lora bench-peers bench-batching
 
 help:
 	@echo "make install | test | test-fast | lint | model | train | bundle TARGET=cpu | serve TARGET=cpu | protos | clean"
@@ -65,6 +65,12 @@ serve: install
 
 protos: install
 	$(PY) -m slmops_serve.protogen
+
+# Continuous batching (issue 10): 1/4/8 streams x no/one/mixed adapters, lone stream vs og.Generator,
+# TTFT busy vs idle, long-prompt stall, greedy parity alone vs batched; figures in the README.
+bench-batching: install
+	@test -f $(BUNDLE_DIR)/bundle.json || $(MAKE) bundle TARGET=$(TARGET)
+	$(PY) bench/bench_batching.py $(BUNDLE_DIR) --out bench/results/batching_$(TARGET).json
 
 bench-serve: install
 	$(PY) bench/bench_serve.py $(BUNDLE_DIR) --out bench/results/serve_$(TARGET).json
