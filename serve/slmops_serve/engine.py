@@ -116,6 +116,7 @@ class Result:
 
 
 _DONE = object()
+_FAILED = "failed"  # a row whose token selection raised: its error is already sent
 
 
 class Generation:
@@ -229,12 +230,14 @@ class AdapterStore:
             return self._tensors[name]
 
 
-def allowed_only(logits: np.ndarray, matcher: Any) -> np.ndarray:
+def allowed_only(logits: np.ndarray, matcher: Any, eos_ids: set[int]) -> np.ndarray:
     """``logits`` with every token the grammar does not allow next set to -inf."""
     bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
     allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[-1]].astype(bool)
     if allowed.shape[0] < logits.shape[-1]:  # tokens past the tokenizer's vocabulary: never allowed
         allowed = np.concatenate([allowed, np.zeros(logits.shape[-1] - allowed.shape[0], bool)])
+    if not allowed.any():  # the grammar allows nothing more (or failed): end the output
+        allowed[sorted(i for i in eos_ids if 0 <= i < len(allowed))] = True
     return np.where(allowed, logits, -np.inf)
 
 
@@ -331,7 +334,7 @@ class Row:
             logits = logits.copy()
             logits[list(self.eos_ids)] = -np.inf
         if self.matcher is not None:
-            logits = allowed_only(logits, self.matcher)
+            logits = allowed_only(logits, self.matcher, self.eos_ids)
         token = self.sampler(logits)
         if self.matcher is not None:
             self.matcher.consume_token(token)
@@ -660,11 +663,21 @@ class Engine:
 
     def _first_token(self, index: int, logits: np.ndarray) -> None:
         row = self._rows[index]
-        row.take(logits)
+        self._take(row, logits)
+        if row.finish is not None:
+            self._remove(index, None if row.finish == _FAILED else row.finish)
+
+    def _take(self, row: Row, logits: np.ndarray) -> None:
+        """Advance ``row`` by its next token; a failure (sampler, grammar) ends that row only."""
+        try:
+            row.take(logits)
+        except Exception as exc:  # noqa: BLE001 - reported to this request as INTERNAL
+            log.exception("token selection failed", extra={"fields": {"event": "row_error", "request_id": row.gen.request_id}})
+            row.gen._put(ServeError(INTERNAL, "", f"generation failed: {type(exc).__name__}: {exc}"))
+            row.finish = _FAILED
+            return
         if row.finish is None and row.length >= self.context_length:
             row.finish = FINISH_LENGTH
-        if row.finish is not None:
-            self._remove(index, row.finish)
 
     def _decode(self) -> None:
         """One token for every row whose prefill is done."""
@@ -685,13 +698,11 @@ class Engine:
         self.metrics.batch_size.observe(len(rows))
         for row, row_logits in zip(rows, logits, strict=True):
             row.length += 1
-            row.take(row_logits)
-            if row.finish is None and row.length >= self.context_length:
-                row.finish = FINISH_LENGTH
+            self._take(row, row_logits)
         for index in reversed(range(count)):
             row = self._rows[index]
             if row.finish is not None:
-                self._remove(index, row.finish)
+                self._remove(index, None if row.finish == _FAILED else row.finish)
 
     def _lora_feeds(self, rows: list[Row]) -> tuple[dict[str, np.ndarray], Any]:
         """The LoRA feeds of ``rows`` and their key (the row order of adapter versions): computed

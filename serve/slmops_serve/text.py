@@ -109,13 +109,14 @@ class Sampler:
         return self.temperature <= 0
 
     def __call__(self, logits: np.ndarray) -> int:
-        if self.greedy:
+        if self.greedy or not np.isfinite(logits).any():
             return int(np.argmax(logits))
         scores = logits.astype(np.float64) / self.temperature
         if 0 < self.top_k < scores.shape[-1]:
             keep = np.argpartition(scores, -self.top_k)[-self.top_k:]
         else:
             keep = np.arange(scores.shape[-1])
+        keep = keep[np.isfinite(scores[keep])]  # tokens masked out (min tokens, grammar) stay out
         kept = scores[keep]
         order = np.argsort(-kept, kind="stable")
         keep, kept = keep[order], kept[order]

@@ -74,3 +74,11 @@ def test_cli_json_schema_and_regex(server: Any, tmp_path: Path) -> None:
     assert out.returncode == 0 and re.fullmatch("[0-9]{4}", out.stdout.strip()), out.stdout
     out = run_cli(["generate", PROMPT, "--server", server.address, "--regex", "[0-9]", "--json-object"])
     assert out.returncode == 2 and "give one structured-output constraint" in out.stderr
+
+
+def test_sampled_structured_output_still_matches(client: Any) -> None:
+    """Sampling (temperature, top-k/top-p) draws only among the tokens the grammar allows."""
+    for seed in (1, 2, 3):
+        response = client.generate(PROMPT, max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.9, seed=seed,
+                                   guidance=("regex", "[xyz]{2,5}"))
+        assert re.fullmatch("[xyz]{2,5}", response.text), response.text
