@@ -148,7 +148,7 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
     if abi != ABI_VERSION:
         why = f" ({ABI_CHANGES[abi]})" if abi in ABI_CHANGES else ""
         raise BundleError(f"{path}: adapter ABI version {abi} is not supported (this slmops uses {ABI_VERSION}){why}; "
-                          "rebuild the bundle and its adapters with `slmops build`")
+                          "rebuild the bundle with `slmops build`")
     try:
         return BundleManifest(**data)
     except ValidationError as exc:

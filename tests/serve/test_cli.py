@@ -83,21 +83,22 @@ def test_serve_usage_errors_exit_2(args: list[str], option: str, tiny_bundle: Pa
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_bundle_of_the_old_adapter_abi_is_refused_by_name(tiny_bundle: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """ABI 1 (one LoRA pair per q/k/v/gate/up module) bundles are refused with what changed and the fix."""
+@pytest.mark.parametrize("abi,why", [(1, "packs them per fused projection"), (2, "no per-row LoRA masks")])
+def test_a_bundle_of_an_old_adapter_abi_is_refused_by_name(tiny_bundle: Path, tmp_path: Path, abi: int, why: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """ABI 1 (one LoRA pair per module) and ABI 2 (no row masks) bundles are refused with what changed and the fix."""
     import json
     import shutil
 
     old = tmp_path / "old"
     shutil.copytree(tiny_bundle, old)
     manifest = json.loads((old / "bundle.json").read_text())
-    manifest["lora_template"]["abi_version"] = 1
+    manifest["lora_template"]["abi_version"] = abi
     (old / "bundle.json").write_text(json.dumps(manifest))
     code, _, err = run(["serve", str(old)], capsys)
     assert code == 2, err
-    assert "adapter ABI version 1 is not supported" in err and "packs them per fused projection" in err
-    assert "rebuild the bundle and its adapters with `slmops build`" in err
+    assert f"adapter ABI version {abi} is not supported" in err and why in err
+    assert "rebuild the bundle with `slmops build`" in err
 
 
 def test_serve_reads_a_yaml_config(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
