@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import REPO, ServerProcess, pct, versions  # noqa: E402
+from bench_serve import REPO, ServerProcess, free_port, pct, versions  # noqa: E402
 from synthetic import synthetic_adapter  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -163,6 +163,124 @@ def parity(bundle: Path, split: str, limit: int) -> dict[str, Any]:
     return {"split": split, "rows": len(cases), "identical": len(cases) - len(differences), "differences": differences}
 
 
+class LlamaServer:
+    """llama.cpp's llama-server (--parallel slots, per-request LoRA scales) on the default model's
+    Q4_1 GGUF with the demo adapters converted by llama.cpp's own convert_lora_to_gguf.py."""
+
+    def __init__(self, binary: Path, convert_dir: Path, adapters: dict[str, Path], threads: int, slots: int,
+                 work: Path) -> None:
+        import subprocess
+
+        from bench_lora import convert_lora
+
+        from slmops.models import default_gguf_path, resolve_model_path
+
+        hf_dir = str(resolve_model_path("default"))
+        self.names = list(adapters)
+        loras = [convert_lora(path, hf_dir, convert_dir, work / f"{name}.lora.gguf") for name, path in adapters.items()]
+        self.port = free_port()
+        args = [str(binary), "-m", str(default_gguf_path()), "-np", str(slots), "-c", str(1024 * slots), "-t", str(threads),
+                "--host", "127.0.0.1", "--port", str(self.port)]
+        for lora in loras:
+            args += ["--lora", str(lora)]
+        self.log = open(work / "llama-server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if self._get("/health").get("status") == "ok":
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"llama-server did not start; see {self.log.name}")
+            time.sleep(0.3)
+
+    def _get(self, path: str) -> dict[str, Any]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", path)
+        body = conn.getresponse().read()
+        conn.close()
+        return dict(json.loads(body or b"{}"))
+
+    def stream(self, adapter: str, tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+        """One streamed /completion of exactly ``tokens`` tokens (ignore_eos) on ``adapter`` ("" = none)."""
+        import http.client
+
+        body = json.dumps({"prompt": prompt, "n_predict": tokens, "ignore_eos": True, "stream": True, "cache_prompt": False,
+                           "temperature": 0.0, "lora": [{"id": i, "scale": 1.0 if n == adapter else 0.0}
+                                                        for i, n in enumerate(self.names)]})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        sent = time.perf_counter()
+        conn.request("POST", "/completion", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        stamps: list[float] = []
+        produced = 0
+        for line in response:
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[6:])
+            if event.get("content") or event.get("tokens"):
+                stamps.append(time.perf_counter())
+            if event.get("stop"):
+                produced = int(event.get("tokens_predicted") or event.get("timings", {}).get("predicted_n", 0))
+                break
+        conn.close()
+        assert produced == tokens and stamps, f"llama-server produced {produced} tokens, not {tokens}: unequal work"
+        return {"sent": sent, "first": stamps[0], "end": stamps[-1], "tokens": tokens}
+
+    def run_streams(self, adapters: list[str], tokens: int) -> dict[str, Any]:
+        with ThreadPoolExecutor(len(adapters)) as pool:
+            records = list(pool.map(lambda a: self.stream(a, tokens), adapters))
+        wall = max(r["end"] for r in records) - min(r["sent"] for r in records)
+        return {"tok_s": sum(r["tokens"] for r in records) / wall,
+                "ttft_ms": [(r["first"] - r["sent"]) * 1000 for r in records]}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def peer_runs(args: argparse.Namespace, client: Any, manifest: Any, threads: int, levels: list[int], workdir: Path,
+              console: Any) -> dict[str, Any]:
+    """Us and llama-server (--parallel max(levels)) on the demo adapters mixed, interleaved round by round."""
+    from slmops_build.adapters import load_peft_adapter
+
+    demo = [n for n in ("tone", "extract") if n in manifest.adapters and manifest.adapters[n].source_run]
+    if len(demo) < 2 or args.llama_convert is None:
+        return {"skipped": "needs the demo adapters' train runs and --llama-convert"}
+    peft = {n: load_peft_adapter(n, manifest.adapters[n].source_run, None, None).adapter_dir for n in demo}
+    peer = LlamaServer(args.llama_server, args.llama_convert, peft, threads, max(levels), workdir)
+    samples: dict[str, list[float]] = {}
+    ttft: dict[str, list[float]] = {}
+    try:
+        peer.run_streams(demo, 16)  # warm-up
+        for r in range(args.rounds):
+            console.print(f"llama-server round {r + 1}/{args.rounds}")
+            for level in levels:
+                mix = [demo[i % len(demo)] for i in range(max(level, len(demo)))]
+                for side, runs in (("slmops", lambda a: run_streams(client, a, args.tokens)),
+                                   ("llama_server", lambda a: peer.run_streams(a, args.tokens))):
+                    if level == 1:
+                        started = time.perf_counter()
+                        results = [runs([a]) for a in demo]
+                        tok_s = len(demo) * args.tokens / (time.perf_counter() - started)
+                        times = [t for res in results for t in res["ttft_ms"]]
+                    else:
+                        result = runs(mix[:level])
+                        tok_s, times = result["tok_s"], result["ttft_ms"]
+                    samples.setdefault(f"{side}@{level}", []).append(tok_s)
+                    ttft.setdefault(f"{side}@{level}", []).extend(times)
+    finally:
+        peer.stop()
+    return {"adapters": demo, "slots": max(levels), "tok_s": {k: round(statistics.median(v), 2) for k, v in samples.items()},
+            "ttft_ms_p50": {k: round(pct(v, 50), 2) for k, v in ttft.items()},
+            "note": "mixed demo adapters, raw prompt, forced lengths, interleaved; llama-server gets per-request LoRA scales"}
+
+
 def readme_block(report: dict[str, Any]) -> str:
     """The README's concurrency figures, from a results JSON of this script."""
     tok, ratios, adapters = report["tok_s"], report["ratios"], report["adapters"]
@@ -195,6 +313,17 @@ def readme_block(report: dict[str, Any]) -> str:
         f"{long['prefill_wall_ms']} ms in chunks; the longest pause of a running stream meanwhile was "
         f"{long['max_gap_ms_during']} ms (their usual gap: {long['gap_ms_p50_before']} ms).",
     ]
+    peer = report.get("llama_server", {})
+    if "tok_s" in peer:
+        peer_levels = sorted({int(k.split("@")[1]) for k in peer["tok_s"]})
+        lines += ["", f"Beside llama.cpp's llama-server (`-np {peer['slots']}`, per-request LoRA scales, the same model as "
+                  f"Q4_1 GGUF, its adapters converted by llama.cpp), mixed {' / '.join(peer['adapters'])} requests, "
+                  "same run, interleaved:", "",
+                  "| mixed adapters | " + " | ".join(f"{n} stream{'s' if n > 1 else ''}: tok/s, TTFT p50" for n in peer_levels) + " |",
+                  "|" + "---|" * (1 + len(peer_levels))]
+        for side, label in (("slmops", "slmops serve"), ("llama_server", "llama-server")):
+            lines.append(f"| {label} | " + " | ".join(f"{peer['tok_s'][f'{side}@{n}']}, {peer['ttft_ms_p50'][f'{side}@{n}']:.0f} ms"
+                                                      for n in peer_levels) + " |")
     parity_report = report.get("parity", {})
     if "rows" in parity_report:
         diffs = parity_report["differences"]
@@ -213,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     parser.add_argument("--streams", default="1,4,8")
     parser.add_argument("--long-prompt-tokens", type=int, default=1500)
+    parser.add_argument("--llama-server", type=Path, default=None,
+                        help="llama.cpp's llama-server binary: measure it beside us on the demo adapters (not in CI)")
+    parser.add_argument("--llama-convert", type=Path, default=None,
+                        help="llama.cpp source folder with convert_lora_to_gguf.py and gguf-py/")
     parser.add_argument("--parity-split", default="eval", help="demo adapters' rows for the alone-vs-batched check")
     parser.add_argument("--parity-rows", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "batching.json")
@@ -337,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "max_gap_ms_during": round(max(gaps) * 1000, 1) if gaps else None,
                                      "gap_ms_p50_before": round(pct(normal, 50) * 1000, 1) if normal else None,
                                      "streams_running": 4}
+            if args.llama_server is not None:
+                report["llama_server"] = peer_runs(args, client, manifest, threads, levels, workdir, console)
     finally:
         report["server_exit_code"] = server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
