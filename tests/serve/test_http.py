@@ -297,6 +297,10 @@ def test_health_agrees_with_grpc_through_load_and_drain(tiny_bundle: Path) -> No
             assert request(srv, "GET", "/livez")[0] == 200
             status, _, body = request(srv, "POST", "/v1/completions", {"model": "", "prompt": PROMPT})
             assert status == 503 and body["error"]["type"] == "service_unavailable", body
+            oai = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.http_port}/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as exc:
+                oai.chat.completions.create(model="", messages=MESSAGES, max_tokens=2)
+            assert exc.value.status_code == 503 and "not ready" in exc.value.body["message"]
             srv.load()
             assert client.health() == "SERVING"
             status, _, body = request(srv, "GET", "/health")
