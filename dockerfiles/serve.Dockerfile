@@ -96,9 +96,9 @@ COPY dockerfiles/entrypoint.py dockerfiles/healthcheck.py /usr/local/lib/slmops/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8
 USER slmops
 WORKDIR /home/slmops
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["/opt/venv/bin/python", "/usr/local/lib/slmops/healthcheck.py"]
 ENTRYPOINT ["/opt/venv/bin/python", "/usr/local/lib/slmops/entrypoint.py"]
-CMD ["serve", "/bundle", "--port", "50051", "--metrics-port", "9090"]
+CMD ["serve", "/bundle", "--port", "50051", "--metrics-port", "9090", "--http-port", "8000"]
