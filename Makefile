@@ -46,7 +46,7 @@ model: install
 DEMO_ADAPTERS := tone extract
 train: $(STAGE_PREREQ) $(foreach a,$(DEMO_ADAPTERS),runs/$(a)/run.json)
 
-runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl | $(STAGE_PREREQ)
+runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl examples/%/test.jsonl | $(STAGE_PREREQ)
 	$(SLMOPS_TRAIN_CMD) train -c examples/train.yaml --only $* --overwrite
 
 # Builds (or finds up to date: the build stage skips work when its inputs are unchanged) the
