@@ -105,7 +105,8 @@ def test_builder_quantizer_is_reachable(tiny_model_dir: Path, tmp_path: Path) ->
     nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all(a.i == 16 for n in nbits for a in n.attribute if a.name == "block_size")
     assert not any(n.name.endswith("/offsets") for n in graph.graph.node)
-    assert {n.op_type for n in graph.graph.node if "/lora_" in n.name and n.op_type != "Add"} == {"MatMul"}
+    # LoRA MatMuls stay float (not quantized); the row-mask Mul (ABI 3) sits between A and B
+    assert {n.op_type for n in graph.graph.node if "/lora_" in n.name and n.op_type != "Add"} == {"MatMul", "Mul"}
 
 
 def test_quantizer_options_are_checked() -> None:
