@@ -36,7 +36,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=igno
 RUN python3 -m venv /opt/pip && python3 -m venv --without-pip /opt/venv
 # The wheelhouse of the target architecture: wheelhouse/deps (the build host's) or deps-<arch>.
 # Left out after the install, as they are never imported by the server: tests, onnxruntime's
-# transformers/quantization/tools scripts, onnxruntime-genai's model builder (needs torch), f2py.
+# transformers/quantization/tools scripts, onnxruntime-genai's model builder (needs torch), f2py,
+# and huggingface_hub/hf_xet (a dependency of tokenizers for hub downloads; the server reads the
+# bundle's tokenizer.json from disk, offline: 19 MB).
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     deps=/wheelhouse/deps; [ "${TARGETARCH}" = "${BUILDARCH}" ] || deps=/wheelhouse/deps-${TARGETARCH}; \
     [ -f "$deps/requirements-serve.txt" ] || { echo "no wheels for linux/${TARGETARCH} in wheelhouse/: run make wheelhouse ARCH=${TARGETARCH}" >&2; exit 1; }; \
@@ -46,7 +48,8 @@ RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     && find "$site" -depth -type d \( -name tests -o -name testing \) -path "$site/numpy/*" -exec rm -rf {} + \
     && find "$site" -depth -type d -name tests \( -path "$site/onnxruntime*" -o -path "$site/grpc*" \) -exec rm -rf {} + \
     && rm -rf "$site"/onnxruntime/transformers "$site"/onnxruntime/quantization "$site"/onnxruntime/tools \
-        "$site"/onnxruntime/datasets "$site"/onnxruntime_genai/models "$site"/numpy/f2py
+        "$site"/onnxruntime/datasets "$site"/onnxruntime_genai/models "$site"/numpy/f2py \
+        "$site"/huggingface_hub "$site"/hf_xet
 
 FROM builder AS deps-amd64
 ARG DEPS_MODULES
