@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="llama.cpp source folder with convert_lora_to_gguf.py and gguf-py/")
     parser.add_argument("--parity-split", default="eval", help="demo adapters' rows for the alone-vs-batched check")
     parser.add_argument("--parity-rows", type=int, default=50)
+    parser.add_argument("--parity-only", type=Path, default=None,
+                        help="run only the parity check on BUNDLE and add it to this existing results JSON")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "batching.json")
     args = parser.parse_args(argv)
 
@@ -360,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(stderr=True)
     bundle = args.bundle.resolve()
+    if args.parity_only is not None:
+        existing = json.loads(args.parity_only.read_text())
+        existing["parity"] = {**parity(bundle, args.parity_split, args.parity_rows), "bundle": str(bundle),
+                              "command": "python bench/bench_batching.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        args.parity_only.write_text(json.dumps(existing, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in existing["parity"].items() if k != "differences"}, indent=2))
+        return 0
     manifest = read_manifest(bundle)
     model_dir = bundle / manifest.model_dir
     threads = session_threads(model_dir, None) or 1
