@@ -116,6 +116,11 @@ def test_test_split_is_scored_once_after_selection(base_args, tmp_path) -> None:
     assert figures["eval"]["step"] in {e["step"] for e in record["metrics"]["evals"]}
     assert figures["test"]["loss"] != figures["eval"]["loss"]
     assert record["dataset"]["test_rows"] == 6 and record["performance"]["final_figures_s"] > 0
+    # tokens_seen counts training batches only: the same run without any evaluation fed the same tokens
+    quiet = train(build_config({**cfg.model_dump(), "eval_split": "none", "test_split": None, "eval_generate_limit": 0,
+                                "eval_steps": None, "metric_for_best_model": "eval_loss", "overwrite": True,
+                                "output_path": str(tmp_path / "quiet")})).record
+    assert quiet["performance"]["tokens_seen"] == record["performance"]["tokens_seen"] > 0
     with pytest.raises(SlmopsUsageError) as err:
         train(build_config({**base_args, "test_split": "eval", "overwrite": True}))
     assert err.value.option == "--test_split" and "also the --eval_split" in err.value.message

@@ -371,6 +371,7 @@ class Collator:
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
         self.tokens_seen = 0
+        self.counting = True  # off while evaluating: tokens_seen counts training tokens only
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -385,7 +386,7 @@ class Collator:
         for f in features:
             n = len(f["input_ids"])
             pad = longest - n
-            self.tokens_seen += n
+            self.tokens_seen += n if self.counting else 0
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
             if packed:

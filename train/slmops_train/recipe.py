@@ -140,7 +140,15 @@ def _trainer_class() -> Any:
             self.eval_by_step: dict[int, tuple[dict[str, float], list[str]]] = {}  # step -> eval metrics, answers
 
         def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-            output = super().evaluation_loop(*args, **kwargs)
+            collator: Any = self.data_collator
+            counting = getattr(collator, "counting", None)
+            if counting is not None:  # eval batches are not training tokens
+                collator.counting = False
+            try:
+                output = super().evaluation_loop(*args, **kwargs)
+            finally:
+                if counting is not None:
+                    collator.counting = counting
             metrics: dict[str, float] = output.metrics if output.metrics is not None else {}
             prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
             if f"{prefix}_loss" in metrics:
