@@ -31,6 +31,9 @@ from slmops_train.metrics import greater_is_better, is_label_task, perplexity, t
 RUN_SCHEMA_VERSION = 1
 ADAPTER_DIR = "adapter"
 RUN_JSON = "run.json"
+# Train rows scored after training beside eval and test (an overfitting check, not a quality
+# figure): few, because generating answers is most of the scoring time on CPU.
+TRAIN_SAMPLE_ROWS = 20
 
 
 @dataclass
@@ -311,7 +314,7 @@ def train(config: TrainConfig) -> RunResult:
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data: PreparedData = prepare_data(config, tokenizer, train_sample_rows=config.eval_generate_limit)
+    data: PreparedData = prepare_data(config, tokenizer, train_sample_rows=min(config.eval_generate_limit, TRAIN_SAMPLE_ROWS))
     label_task = {"classification": True, "generation": False}.get(config.task_type, is_label_task(data.labels))
     model = load_model(config, model_path)
 
