@@ -12,7 +12,8 @@ key/value. Past and present are bound to the SAME buffer (onnxruntime's GroupQue
 writes each row's new key/value at that row's length, ``sum(attention_mask) - 1``, and reads only
 that row's prefix), so a step copies no cache. Active rows are kept in ``[0, n)``: a finished row
 is replaced by the last one (:meth:`KVCache.move_row`), so a step binds one contiguous view.
-The capacity grows by doubling up to ``max_length`` when a row needs it.
+The capacity grows by doubling up to ``max_length`` when a row needs it; a growth copies only the
+positions rows have used (idle rows' pages stay untouched), so resident memory follows use.
 
 LoRA (adapter ABI 3): a step's adapters are concatenated along the rank per projection and each
 row's ``lora_row_mask`` keeps only its own adapter's rank columns (see :class:`LoraBank`), so rows
@@ -116,6 +117,7 @@ class KVCache:
         self.capacity = 0
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
+        self.used = np.zeros(rows, np.int64)  # positions written per row (what a growth must keep)
         self.version = 0  # bumped when the buffers are reallocated (bindings must be redone)
         self.ensure(min(_INITIAL_CAPACITY, max_length))
 
@@ -128,11 +130,13 @@ class KVCache:
         capacity = min(self.max_length, max(length, 2 * self.capacity))
         shape = (self.rows, self.info.kv_heads, capacity, self.info.head_size)
         keys, values = [], []
+        live = [(row, int(n)) for row, n in enumerate(self.used) if n > 0]
         for layer in range(self.info.num_layers):
+            # np.zeros maps pages lazily: only copied and later written positions become resident
             k, v = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
-            if self.capacity:
-                k[:, :, : self.capacity] = self.keys[layer]
-                v[:, :, : self.capacity] = self.values[layer]
+            for row, n in live:
+                k[row, :, :n] = self.keys[layer][row, :, :n]
+                v[row, :, :n] = self.values[layer][row, :, :n]
             keys.append(k)
             values.append(v)
         self.keys, self.values, self.capacity = keys, values, capacity
@@ -143,6 +147,8 @@ class KVCache:
         for layer in range(self.info.num_layers):
             self.keys[layer][dst, :, :length] = self.keys[layer][src, :, :length]
             self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
+        self.used[dst] = length
+        self.used[src] = 0
 
     @property
     def bytes(self) -> int:
@@ -332,6 +338,7 @@ class ModelRunner:
         feeds = {self.info.input_ids: np.ascontiguousarray(ids, np.int64).reshape(1, -1),
                  self.info.attention_mask: np.ones((1, total), np.int64)}
         self._run(feeds, lora, lora_key, logits, row, row + 1)
+        self.cache.used[row] = total
         return np.asarray(logits[0, -1], np.float32)
 
     def prefill_rows(self, start: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray],
@@ -348,6 +355,7 @@ class ModelRunner:
         mask = (np.arange(width, dtype=np.int64)[None, :] < lengths[:, None]).astype(np.int64)
         feeds = {self.info.input_ids: np.ascontiguousarray(ids, np.int64), self.info.attention_mask: mask}
         self._run(feeds, lora, lora_key, logits, start, start + k)
+        self.cache.used[start:start + k] = width  # the padding was written too
         return np.asarray(logits[np.arange(k), lengths - 1], np.float32)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, lora: dict[str, np.ndarray], lora_key: Any = None) -> np.ndarray:
@@ -364,6 +372,7 @@ class ModelRunner:
         feeds = {self.info.input_ids: np.ascontiguousarray(tokens, np.int64).reshape(n, 1),
                  self.info.attention_mask: mask}
         self._run(feeds, lora, lora_key, logits, 0, n)
+        self.cache.used[:n] = np.maximum(self.cache.used[:n], totals)
         return np.asarray(logits[:, 0], np.float32)
 
     def forget(self, keys: set[Any]) -> None:

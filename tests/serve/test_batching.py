@@ -108,11 +108,12 @@ def test_batched_prefill_and_decode_equal_onnxruntime_genai(tiny_bundle: Path, r
     engine = Engine(make_config(tiny_bundle, max_batch=6, prefill_chunk=16))
     engine.load()
     try:
-        long_prompt = " ".join(PROMPTS)  # longer than one 16-token chunk
+        long_prompt = " ".join(PROMPTS * 3)  # many 16-token chunks, and past the first cache capacity (256)
         cases = [(p, a) for p, a in zip([*PROMPTS[:5], long_prompt], ["tone", "extract", "", "tone", "extract", "tone"],
                                         strict=True)]
         gens = [engine.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=16)) for p, a in cases]
         results = [g.result() for g in gens]
+        assert engine.runner is not None and engine.runner.cache.capacity > 256  # the cache grew under live rows
     finally:
         engine.close()
     for (prompt, adapter), result in zip(cases, results, strict=True):
