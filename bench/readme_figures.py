@@ -121,7 +121,16 @@ def train_speed() -> str:
             f"{data.get('note', '')}")
 
 
+def batching() -> str:
+    """Continuous batching: streams x adapters, lone stream vs og, TTFT, parity (bench/bench_batching.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_batching import readme_block
+
+    return readme_block(_load("batching_cpu.json"))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "batching": batching,
     "lora-speed": lora_speed, "lora-quality": lora_quality, "demo": demo_figures, "train-speed": train_speed,
 }
 
