@@ -15,13 +15,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+KEEP = ("loss", "perplexity", "accuracy", "macro_f1", "rouge_l", "bleu", "exact_match")
 
-def adapter_entry(run_dir: Path) -> dict[str, Any]:
+
+def adapter_entry(run_dir: Path, scores: dict[str, Any], label: str) -> dict[str, Any]:
+    """One adapter's figures; ``scores`` (bench/score_run.py output) adds splits a run did not score itself."""
     record = json.loads((run_dir / "run.json").read_text())
     perf = record["performance"]
     metrics = record["metrics"]
     metric = (metrics.get("metric_for_best_model") or record["config"]["metric_for_best_model"]).removeprefix("eval_")
-    figures = metrics.get("figures") or {}
+    figures = dict(metrics.get("figures") or {})
+    if "eval" not in figures and metrics.get("final"):  # a run from before run.json had figures
+        best = metrics.get("best_checkpoint_metric")
+        step = next((e["step"] for e in metrics.get("evals", []) if best is not None and e.get(f"eval_{metric}") == best), None)
+        figures["eval"] = {"rows": record["dataset"]["eval_rows"], "step": step,
+                           **{k.removeprefix("eval_"): v for k, v in metrics["final"].items() if k.removeprefix("eval_") in KEEP}}
+    if label in scores and scores[label]["split"] not in figures:
+        score = scores[label]
+        figures[score["split"]] = {"rows": score["rows"], **{k: score[k] for k in KEEP if k in score}, "scored_by": "bench/score_run.py"}
+    figures = {k: figures[k] for k in ("train", "eval", "test") if k in figures}
     return {
         "metric": metric,
         "figures": figures,
@@ -39,13 +51,21 @@ def adapter_entry(run_dir: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="+", help="run folders, or LABEL=FOLDER")
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--timing", action="append", default=[], help="NAME=SECONDS measured outside (repeatable)")
     parser.add_argument("--note", default="")
+    parser.add_argument("--scores", type=Path, action="append", default=[], help="bench/score_run.py JSON (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_cpu.json"))
     args = parser.parse_args()
-    adapters = {run.name: adapter_entry(run) for run in args.runs}
+    scores: dict[str, Any] = {}
+    for path in args.scores:
+        scores.update(json.loads(path.read_text()))
+    adapters = {}
+    for spec in args.runs:
+        label, _, folder = spec.rpartition("=")
+        run = Path(folder)
+        adapters[label or run.name] = adapter_entry(run, scores, label or run.name)
     timings: dict[str, float] = {f"train {name} (wall)": a["wall_time_s"] for name, a in adapters.items()}
     if args.bundle is not None:
         manifest = json.loads((args.bundle / "bundle.json").read_text())
