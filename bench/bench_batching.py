@@ -295,8 +295,11 @@ def readme_block(report: dict[str, Any]) -> str:
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     one = names[0]
     ttft, long = report["ttft_ms"], report["long_prompt"]
+    met = report.get("goals_met", {})
+    missed = [k for k, v in met.items() if not v]
     lines = [
-        f"`{report.get('command', 'bench/bench_batching.py')}`; `slmops serve` with its defaults, {report['threads']} "
+        f"`{report.get('command', 'bench/bench_batching.py')}`" + (f" ({report['bundle_note']})" if report.get("bundle_note") else "")
+        + f"; `slmops serve` with its defaults, {report['threads']} "
         f"threads, {report['tokens']} forced tokens per stream, {report['rounds']} interleaved rounds, medians; "
         f"load average {report['load_average_before'][0]:.1f} before, {report['load_average_after'][0]:.1f} after "
         "(2-core x86_64). Ratios are against 1 stream of the same mix (for the mix, one stream at a time "
@@ -310,9 +313,10 @@ def readme_block(report: dict[str, Any]) -> str:
         f"- Time to first token: {ttft['idle_p50']} ms idle, {ttft['busy4_p50']} ms while 4 streams decode "
         f"({ratios['ttft_busy_vs_idle']:.2f}x; goal <= 2x).",
         f"- A {long.get('prompt_tokens', '?')}-token prompt arriving while 4 streams decode: prefilled in "
-        f"{long.get('prefill_chunks', '?')} chunks over {long['prefill_wall_ms']} ms, decode steps between them; the "
-        f"longest pause of a running stream meanwhile was {long['max_gap_ms_during']} ms (about one chunk; their usual "
-        f"gap: {long['gap_ms_p50_before']} ms).",
+        f"{long.get('prefill_chunks', '?')} chunks over {long['prefill_wall_ms']} ms "
+        f"({long['prefill_wall_ms'] / max(1, long.get('prefill_chunks') or 1):.0f} ms per chunk and step), decode steps "
+        f"between them; the longest pause of a running stream meanwhile was {long['max_gap_ms_during']} ms "
+        f"(their usual gap: {long['gap_ms_p50_before']} ms).",
     ]
     peer = report.get("llama_server", {})
     if "tok_s" in peer:
@@ -325,6 +329,8 @@ def readme_block(report: dict[str, Any]) -> str:
         for side, label in (("slmops", "slmops serve"), ("llama_server", "llama-server")):
             lines.append(f"| {label} | " + " | ".join(f"{peer['tok_s'][f'{side}@{n}']}, {peer['ttft_ms_p50'][f'{side}@{n}']:.0f} ms"
                                                       for n in peer_levels) + " |")
+    if missed:
+        lines.append(f"- Goals not met in this run: {', '.join(missed)}.")
     parity_report = report.get("parity", {})
     if "rows" in parity_report:
         diffs = parity_report["differences"]
