@@ -292,8 +292,13 @@ class Grammars:
                 import llguidance
 
                 # built once (about a second): llguidance reads the same tokenizer.json
-                self._tokenizer = llguidance.LLTokenizer(str(self.tokenizer_file), n_vocab=self.vocab_size,
-                                                         eos_token=self.eos_ids)
+                try:
+                    eos: Any = self.eos_ids  # newer llguidance takes all of them
+                    self._tokenizer = llguidance.LLTokenizer(str(self.tokenizer_file), n_vocab=self.vocab_size,
+                                                             eos_token=eos)
+                except TypeError:  # llguidance < 1.7 takes one end-of-sequence id
+                    self._tokenizer = llguidance.LLTokenizer(str(self.tokenizer_file), n_vocab=self.vocab_size,
+                                                             eos_token=self.eos_ids[0] if self.eos_ids else None)
             return self._tokenizer
 
 
