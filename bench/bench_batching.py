@@ -335,8 +335,9 @@ def readme_block(report: dict[str, Any]) -> str:
     if "rows" in parity_report:
         diffs = parity_report["differences"]
         margins = ", ".join(f"{d['top2_logit_margin_alone']}" for d in diffs)
+        note = f" ({parity_report['note']})" if parity_report.get("note") else ""
         lines.append(f"- Greedy answers of the demo adapters' {parity_report['split']} rows, alone vs all at once "
-                     f"(batches of 8, mixed adapters): {parity_report['identical']}/{parity_report['rows']} identical"
+                     f"(batches of 8){note}: {parity_report['identical']}/{parity_report['rows']} identical"
                      + (f"; each difference starts at a near-tie (top-2 logit margin {margins} when run alone)"
                         if diffs else "") + ".")
     return "\n".join(lines)
