@@ -309,7 +309,8 @@ def readme_block(report: dict[str, Any]) -> str:
         f"- A lone stream against onnxruntime-genai's og.Generator in-process (the engine before batching, no gRPC on "
         f"its side): {tok['server_decode@none']} vs {tok['og_decode@none']} tok/s without adapter "
         f"({ratios['single_vs_og@none']:.2f}x), {tok[f'server_decode@{one}']} vs {tok[f'og_decode@{one}']} with {one} "
-        f"({ratios[f'single_vs_og@{one}']:.2f}x); goal >= 0.97x.",
+        f"({ratios[f'single_vs_og@{one}']:.2f}x); goal >= 0.97x."
+        + (f" For scale: {report['before_batching_note']}." if report.get("before_batching_note") else ""),
         f"- Time to first token: {ttft['idle_p50']} ms idle, {ttft['busy4_p50']} ms while 4 streams decode "
         f"({ratios['ttft_busy_vs_idle']:.2f}x; goal <= 2x).",
         f"- A {long.get('prompt_tokens', '?')}-token prompt arriving while 4 streams decode: prefilled in "
