@@ -21,8 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,23 +37,13 @@ EXTRACT_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "m
                   "required": ["city", "date", "guests"], "additionalProperties": False}
 GOALS = {"http_over_grpc": 0.95, "guided_over_unguided": 0.9}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+sys.path.insert(0, str(REPO / "bench"))
+from bench_serve import free_port  # noqa: E402
+from bench_serve import versions as serve_versions  # noqa: E402
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
-    for name in ("slmops", "onnxruntime", "grpcio", "fastapi", "starlette", "uvicorn", "openai", "llguidance"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return serve_versions(("slmops", "onnxruntime", "grpcio", "fastapi", "starlette", "uvicorn", "openai", "llguidance"))
 
 
 class Server:

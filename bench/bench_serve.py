@@ -49,11 +49,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def versions() -> dict[str, str]:
+SERVE_PACKAGES = ("slmops", "onnxruntime", "onnxruntime-genai", "grpcio", "protobuf", "torch", "transformers", "peft")
+
+
+def versions(packages: tuple[str, ...] = SERVE_PACKAGES) -> dict[str, str]:
+    """The machine and the installed versions of ``packages``, for a results JSON."""
     from importlib import metadata
 
     out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
-    for name in ("slmops", "onnxruntime", "onnxruntime-genai", "grpcio", "protobuf", "torch", "transformers", "peft"):
+    for name in packages:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
