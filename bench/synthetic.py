@@ -15,7 +15,6 @@ def synthetic_adapter(template: Any, modules: list[str], rank: int, path: Path, 
     """Write an adapter with LoRA rank ``rank`` on ``modules`` (PEFT names, e.g. ["o_proj", "down_proj"])
     laid out as the bundle's ``template`` (LoraTemplate) packs them."""
     import numpy as np
-    import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
     dtype = np.float16 if template.dtype == "float16" else np.float32
@@ -39,6 +38,13 @@ def synthetic_adapter(template: Any, modules: list[str], rank: int, path: Path, 
         arrays[name.replace(".lora_A.", ".lora_B.")] = b
     if not arrays:
         raise ValueError(f"the bundle has no LoRA inputs for {modules}")
+    return write_adapter(arrays, path)
+
+
+def write_adapter(arrays: dict[str, Any], path: Path) -> Path:
+    """``{input name: array}`` as an .onnx_adapter file at ``path``."""
+    import onnxruntime as ort
+
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)

@@ -150,10 +150,6 @@ class KVCache:
         self.used[dst] = length
         self.used[src] = 0
 
-    @property
-    def bytes(self) -> int:
-        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
-
 
 class LoraBank:
     """Builds a step's LoRA feeds from the adapters of its rows (adapter ABI 3).

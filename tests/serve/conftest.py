@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from bench.synthetic import write_adapter
+
 ADMIN_TOKEN = "test-admin-token"
 MAX_UPLOAD = 200_000  # bytes; the extract adapter (~70 kB) fits, a 300 kB upload does not
 PROMPT = "Tone of: I lost my keys again\n"
@@ -23,17 +25,6 @@ def read_adapter(path: Path) -> dict[str, Any]:
 
     fmt = ort.AdapterFormat.read_adapter(str(path))
     return {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
-
-
-def write_adapter(arrays: dict[str, Any], path: Path) -> Path:
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    fmt.export_adapter(str(path))
-    return path
 
 
 @pytest.fixture(scope="session")
