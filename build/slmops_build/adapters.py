@@ -17,13 +17,13 @@ from typing import Any
 
 from slmops.bundle import AdapterInfo, LoraTemplate
 from slmops.errors import SlmopsUsageError
-from slmops.fsutil import sha256_file
+from slmops.fsutil import portable_path, sha256_file
+from slmops.runrecord import RUN_JSON, read_run_record
 from slmops_build.export import parse_lora_input
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 SLMOPS_ADAPTER_JSON = "slmops_adapter.json"
-RUN_JSON = "run.json"
 ADAPTER_SUFFIX = ".onnx_adapter"
 # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 PEFT_KEY_RE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:[\w.]*\.)?(\w+)\.lora_([AB])\.weight$")
@@ -42,6 +42,7 @@ class PeftAdapter:
     modules: list[str]
     run_dir: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] | None = None  # the run's run.json (schema checked), when it came from a train run
 
     @property
     def rank(self) -> int:
@@ -52,14 +53,7 @@ class PeftAdapter:
         return float(self.config.get("lora_alpha", self.rank))
 
     def run_record(self) -> dict[str, Any] | None:
-        if self.run_dir is None or not (self.run_dir / RUN_JSON).is_file():
-            return None
-        try:
-            data: dict[str, Any] = json.loads((self.run_dir / RUN_JSON).read_text())
-            return data
-        except (OSError, json.JSONDecodeError):
-            return None
-
+        return self.record
 
 def resolve_adapter_dir(path: str | Path, name: str = "") -> Path:
     """An adapter folder, or a train run folder holding ``adapter/`` (runs/tone -> runs/tone/adapter)."""
@@ -191,7 +185,9 @@ def load_peft_adapter(name: str, path: str | Path, base_sha256: str | None, abi_
                     "add them with --lora_modules, or merge this adapter with --merge",
                 )
     run_dir = adapter_dir.parent if (adapter_dir.parent / RUN_JSON).is_file() else None
-    return PeftAdapter(name=name, adapter_dir=adapter_dir, config=config, modules=modules, run_dir=run_dir, meta=meta)
+    record = read_run_record(run_dir) if run_dir is not None else None  # another schema: refused here, before any work
+    return PeftAdapter(name=name, adapter_dir=adapter_dir, config=config, modules=modules, run_dir=run_dir, meta=meta,
+                       record=record)
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
@@ -311,5 +307,5 @@ def convert_adapter(peft_dir: str | Path, template: LoraTemplate, dtype: str, ou
         alpha=float(config.get("lora_alpha", config.get("r", 0))),
         target_modules=modules,
         dtype=dtype,
-        source_run=str((run_dir or adapter_dir).resolve()),
+        source_run=portable_path(run_dir or adapter_dir),
     )

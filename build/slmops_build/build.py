@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slmops.bundle import ABI_VERSION, SCHEMA_VERSION, AdapterInfo, BundleError, read_manifest, verify_files
 from slmops.errors import SlmopsUsageError, usage_error_from_validation
-from slmops.fsutil import atomic_output_dir, sha256_file
+from slmops.fsutil import atomic_output_dir, portable_path, sha256_file
 from slmops.models import resolve_model_path
 from slmops.targets import PRECISIONS, Target, get_target
 
@@ -166,6 +166,16 @@ def build_key(config: BuildConfig, target: Target, modules: list[str], base_sha:
         "code": _code_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def recorded_config(config: BuildConfig) -> dict[str, Any]:
+    """The options as bundle.json records them: paths name no folder of the build machine."""
+    values = config.model_dump(exclude={"overwrite"})
+    values["model_name_or_path"] = portable_path(config.model_name_or_path)
+    values["adapters"] = {name: portable_path(path) for name, path in config.adapters.items()}
+    if config.output_path:
+        values["output_path"] = portable_path(config.output_path)
+    return values
 
 
 def is_up_to_date(out: Path, key: str) -> bool:
@@ -314,8 +324,8 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
                                      if k in entry}
             timings["total_s"] = round(time.time() - started, 2)
             build_info = {
-                "config": config.model_dump(exclude={"overwrite"}),
-                "model_path": str(model_dir),
+                "config": recorded_config(config),
+                "model_path": portable_path(model_dir),
                 "lora_modules": modules,
                 "builder_options": {**{k: str(v) for k, v in target.builder_options.items()}, **config.extra_options},
                 "session_options": target.session_options,

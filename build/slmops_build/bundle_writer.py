@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.bundle import BUNDLE_JSON, AdapterInfo, BaseModelInfo, BundleManifest, LoraTemplate, TargetInfo
-from slmops.fsutil import sha256_file
+from slmops.fsutil import portable_path, sha256_file
 from slmops.models import PREPARED_MARKER, model_weights_sha256
 from slmops.targets import Target
 
@@ -31,13 +31,13 @@ def base_model_info(model_dir: str | Path, name_or_path: str) -> BaseModelInfo:
     model_dir = Path(model_dir)
     marker = model_dir / PREPARED_MARKER
     if marker.is_file():
-        data = json.loads(marker.read_text())
-        return BaseModelInfo(name=str(data["name"]), source=str(data["source"]), sha256=str(data["weights_sha256"]))
+        data = json.loads(marker.read_text())  # weights re-hashed: a tampered cache does not pass as the marker's
+        return BaseModelInfo(name=str(data["name"]), source=str(data["source"]), sha256=model_weights_sha256(model_dir))
     name = model_dir.name
     config_path = model_dir / "config.json"
     if config_path.is_file():
         name = str(json.loads(config_path.read_text()).get("_name_or_path") or name)
-    source = name_or_path if name_or_path not in (None, "", "default") else str(model_dir)
+    source = portable_path(name_or_path if name_or_path not in (None, "", "default") else model_dir)
     return BaseModelInfo(name=name or model_dir.name, source=str(source), sha256=model_weights_sha256(model_dir))
 
 

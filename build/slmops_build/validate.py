@@ -5,7 +5,8 @@
 - Functional (where the target's execution provider runs here): the bundle loads in
   onnxruntime-genai, each adapter loads, generates, and changes the base model's output.
 - Parity vs PyTorch (+PEFT, fp32): task accuracy (label tasks) or ROUGE-L (free text) on the
-  adapter's own eval rows, re-rendered from its run.json; and base-model perplexity of the
+  adapter's own eval rows as its train run rendered them (``validation/<split>.jsonl`` beside its
+  run.json, see ``slmops.runrecord``: files only, no train code); and base-model perplexity of the
   bundle (target precision) vs fp32 on held-out text. The build fails when the accuracy drop
   exceeds ``max_accuracy_drop`` points (and the row-flip noise) or perplexity rises more than
   ``max_ppl_increase`` percent.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.bundle import LoraTemplate
+from slmops.runrecord import RunRecordError, read_validation_rows
 from slmops.targets import Target
 from slmops_build.adapters import PeftAdapter, read_onnx_adapter
 from slmops_build.export import MODEL_FILE, genai_config
@@ -70,9 +72,10 @@ class EvalSet:
     label_task: bool
     chat: bool
     max_new_tokens: int
-    source: str
+    source: str  # names no folder of this machine (bundle.json records it)
     skipped: str | None = None
     texts: list[str] = field(default_factory=list)  # prompt + answer, for perplexity
+    sha256: str | None = None  # of the rows file
 
 
 # ---- static checks --------------------------------------------------------------------------
@@ -112,41 +115,27 @@ def can_run(target: Target) -> tuple[bool, str]:
 
 # ---- eval data --------------------------------------------------------------------------------
 def eval_set(adapter: PeftAdapter | None, tokenizer: Any, bounds: Bounds) -> EvalSet:
-    """The adapter's eval rows rendered as in training (or generic prompts without a run)."""
+    """The adapter's eval (or test) rows as its train run rendered them, or generic prompts without a run."""
     fallback = EvalSet(prompts=FALLBACK_TEXTS[:2], references=[], label_task=False, chat=False,
                        max_new_tokens=bounds.max_new_tokens or 16, source="fallback", texts=list(FALLBACK_TEXTS))
     record = adapter.run_record() if adapter else None
-    if record is None:
+    if adapter is None or adapter.run_dir is None or record is None:
         fallback.skipped = "no run.json beside the adapter: accuracy parity skipped"
         return fallback
     try:
-        from slmops_train.config import TrainConfig
-        from slmops_train.data import ExampleRenderer, load_splits, load_test_split
-
-        config = TrainConfig(**record["config"])
-        eval_ds = load_test_split(config) if bounds.split == "test" else load_splits(config)[1]
-    except Exception as exc:  # noqa: BLE001 - data moved, config from another version ...
-        fallback.skipped = f"{bounds.split} data of the run cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+        rows = read_validation_rows(adapter.run_dir, record, bounds.split)
+    except RunRecordError as exc:
+        fallback.skipped = f"{bounds.split} data of the run cannot be loaded ({exc})"
         return fallback
-    if eval_ds is None or len(eval_ds) == 0:
+    if rows is None or not rows.prompts:
         fallback.skipped = f"the run has no {bounds.split} split"
         return fallback
-    if bounds.rows is not None:
-        eval_ds = eval_ds.select(range(min(bounds.rows, len(eval_ds))))
-    renderer = ExampleRenderer(config, tokenizer, list(eval_ds.column_names))
-    prompts, refs, texts = [], [], []
-    for row in eval_ds:
-        prompt, answer, reference = renderer.render(row)
-        prompts.append(prompt)
-        refs.append(reference)
-        texts.append(prompt + answer.removesuffix(tokenizer.eos_token or "\0"))
-    label_task = (record.get("task") or {}).get("type") == "classification"
+    n = len(rows.prompts) if bounds.rows is None else min(bounds.rows, len(rows.prompts))
+    refs = rows.references[:n]
     ref_tokens = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
-    max_new = bounds.max_new_tokens or config.eval_max_new_tokens or min(ref_tokens + 8, MAX_NEW_TOKENS_CAP)
-    assert adapter is not None and adapter.run_dir is not None  # record came from the run folder
-    return EvalSet(prompts=prompts, references=refs, label_task=label_task, chat=config.use_chat_template,
-                   max_new_tokens=max_new, source=f"{adapter.run_dir.resolve()} ({config.test_split if bounds.split == 'test' else config.eval_split})",
-                   texts=texts)
+    max_new = bounds.max_new_tokens or rows.max_new_tokens or min(ref_tokens + 8, MAX_NEW_TOKENS_CAP)
+    return EvalSet(prompts=rows.prompts[:n], references=refs, label_task=rows.label_task, chat=rows.chat,
+                   max_new_tokens=max_new, source=rows.source, texts=rows.texts[:n], sha256=rows.sha256)
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -382,6 +371,8 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
         torch_tokens = torch_generate(prompt_ids, data.max_new_tokens)
         entry["rows"] = len(prompt_ids)
         entry["eval_source"] = data.source
+        if data.sha256:
+            entry["eval_sha256"] = data.sha256
         entry["token_agreement"] = sum(a == b for a, b in zip(bundle_tokens, torch_tokens, strict=True)) / max(len(prompt_ids), 1)
         if active is not None:
             base_tokens = [runner.generate(ids, data.max_new_tokens, None) for ids in prompt_ids[:BASE_COMPARE_ROWS]]

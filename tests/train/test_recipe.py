@@ -39,6 +39,13 @@ def test_training_lowers_loss_and_writes_a_complete_run(base_args) -> None:
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert not list(run.parent.glob(".*partial"))  # the work dir is gone
+    # what the build stage validates with, as files: the eval rows rendered as training rendered them
+    assert record["schema_version"] == 2
+    section = record["validation"]
+    assert section["chat"] is False and list(section["splits"]) == ["eval"]
+    rows = [json.loads(line) for line in (run / section["splits"]["eval"]["file"]).read_text().splitlines()]
+    assert len(rows) == section["splits"]["eval"]["rows"] == 10
+    assert rows[0]["prompt"].startswith("Tone of: ") and rows[0]["text"] == rows[0]["prompt"] + rows[0]["reference"]
 
 
 def test_adapter_loads_back_with_peft(base_args, tiny_model_dir) -> None:
@@ -146,11 +153,28 @@ def test_resume_continues_from_the_last_checkpoint(base_args) -> None:
         recipe._progress_callback = original
     out = Path(base_args["output_path"])
     assert not out.exists()  # nothing half-written at the output path
-    assert (out.parent / ".run.partial" / "checkpoints" / "checkpoint-4").is_dir()
+    checkpoint = out.parent / ".run.partial" / "checkpoints" / "checkpoint-4"
+    assert checkpoint.is_dir()
+    # a run without --resume must not delete the unfinished run's checkpoints
+    with pytest.raises(SlmopsUsageError) as err:
+        train(cfg)
+    assert err.value.option == "--resume" and ".run.partial" in err.value.message and "--overwrite" in err.value.message
+    assert checkpoint.is_dir() and not out.exists()
     record = train(build_config({**cfg.model_dump(), "resume": True})).record
     assert record["performance"]["resumed_from"] == "checkpoint-4"
     assert record["performance"]["steps"] == 8
     assert len(record["metrics"]["train_log"]) == 8
+    # --overwrite deletes them and starts again
+    recipe._progress_callback = lambda: (lambda title: Interrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(build_config({**cfg.model_dump(), "progress": True, "overwrite": True}))
+    finally:
+        recipe._progress_callback = original
+    assert checkpoint.is_dir()
+    record = train(build_config({**cfg.model_dump(), "overwrite": True})).record
+    assert record["performance"]["resumed_from"] is None and record["performance"]["steps"] == 8
+    assert not checkpoint.exists()
 
 
 def test_custom_loss_is_used(base_args) -> None:
@@ -218,7 +242,16 @@ def test_hyperparameter_search_keeps_the_best_trial(base_args, tmp_path) -> None
                    "per_device_train_batch_size": {"type": "choice", "values": [2, 4]}},
     }))
     out = tmp_path / "search-out"
-    summary = run_search(tmp_path / "search.yaml", {"output_path": str(out)})
+    # an unfinished search's trials are not deleted without --overwrite
+    earlier = tmp_path / ".search-out.search" / "trial_0" / "run.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    with pytest.raises(SlmopsUsageError) as err:
+        run_search(tmp_path / "search.yaml", {"output_path": str(out)})
+    assert err.value.option == "--overwrite" and ".search-out.search" in err.value.message and "trial_0" in err.value.message
+    assert earlier.read_text() == "{}" and not out.exists()
+    summary = run_search(tmp_path / "search.yaml", {"output_path": str(out), "overwrite": True})
+    assert not earlier.parent.parent.exists()
     trials = json.loads((out / "trials.json").read_text())
     assert len(trials["trials"]) == 3
     assert summary["best_value"] == min(t["eval_loss"] for t in trials["trials"])

@@ -23,7 +23,7 @@ class PreparedData:
 
     train: Any  # datasets.Dataset with input_ids / labels
     eval: Any | None
-    eval_examples: list[dict[str, str]]  # {"prompt", "reference"} for generation metrics
+    eval_examples: list[dict[str, str]]  # {"prompt", "reference", "text"} for generation metrics and the build
     labels: list[str]  # distinct reference answers of the train split
     fingerprint: dict[str, Any]
     dropped: int
@@ -279,7 +279,9 @@ def prepare_data(config: TrainConfig, tokenizer: Any, train_sample_rows: int = 0
                 dropped += 1
                 continue
             rows.append(item)
-            examples.append({"prompt": prompt, "reference": reference})
+            # text: prompt + answer without the end-of-sequence token (base-model perplexity in the build)
+            examples.append({"prompt": prompt, "reference": reference,
+                             "text": prompt + answer.removesuffix(tokenizer.eos_token or "\0")})
             refs.append(reference)
         return datasets.Dataset.from_list(rows), examples, refs, dropped
 

@@ -1,8 +1,10 @@
 """The train stage: ``train(config) -> RunResult``. LoRA/QLoRA on a causal LM with the HF Trainer.
 
-Outputs land in ``runs/<name>/``: ``adapter/`` (PEFT), ``run.json``, ``loss_curve.png`` and
+Outputs land in ``runs/<name>/``: ``adapter/`` (PEFT), ``run.json``, ``validation/`` (the eval and
+test rows as rendered here, for the build stage: ``slmops.runrecord``), ``loss_curve.png`` and
 ``tensorboard/``. Work happens in a hidden ``.<name>.partial/`` sibling that keeps checkpoints
-for ``--resume`` and is renamed into place only when the run completes.
+for ``--resume`` and is renamed into place only when the run completes; a new run refuses to
+delete another run's checkpoints there unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,13 @@ from typing import Any
 from slmops.errors import SlmopsUsageError
 from slmops.fsutil import check_output_path, replace_dir
 from slmops.models import model_weights_sha256, resolve_model_path
+from slmops.runrecord import RUN_JSON, RUN_SCHEMA_VERSION, write_validation_rows
 from slmops_train.config import TrainConfig
 from slmops_train.data import Collator, PreparedData, prepare_data
 from slmops_train.layout import link_base_model
 from slmops_train.metrics import greater_is_better, is_label_task, perplexity, task_metrics
 
-RUN_SCHEMA_VERSION = 1
 ADAPTER_DIR = "adapter"
-RUN_JSON = "run.json"
 # Train rows scored after training beside eval and test (an overfitting check, not a quality
 # figure): few, because generating answers is most of the scoring time on CPU.
 TRAIN_SAMPLE_ROWS = 20
@@ -304,8 +305,10 @@ def train(config: TrainConfig) -> RunResult:
     rank = int(os.environ.get("RANK", "0"))
     checkpoints = work / "checkpoints"
     resume_from = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
-    if rank == 0 and not resume_from and work.exists():
-        shutil.rmtree(work)
+    if not resume_from and work.exists():
+        check_unfinished_run(work, config.overwrite)
+        if rank == 0:
+            shutil.rmtree(work)
     loss_fn = load_loss_fn(config.loss_fn) if config.loss_fn else None
     check_training_options(config, torch.cuda.is_available())
 
@@ -460,11 +463,33 @@ def train(config: TrainConfig) -> RunResult:
             shutil.move(str(work / "tensorboard"), final / "tensorboard")
         write_loss_curve(trainer.state.log_history, final / "loss_curve.png", config.run_name())
         link_base_model(final, model_path)  # <out>/model beside <out>/adapter, as olive finetune leaves them
+        record["validation"] = write_validation_files(final, config, data)
         (final / RUN_JSON).write_text(json.dumps(record, indent=2, default=str))
         check_output_path(run_dir, config.overwrite)
         replace_dir(final, run_dir)
         shutil.rmtree(work, ignore_errors=True)
     return RunResult(run_dir=run_dir, adapter_dir=run_dir / ADAPTER_DIR, metrics=final_metrics, record=record)
+
+
+def check_unfinished_run(work: Path, overwrite: bool) -> None:
+    """Refuse to delete an unfinished run's checkpoints in ``work`` unless ``overwrite``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = work / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last and not overwrite:
+        raise SlmopsUsageError("--resume", f"'{work}' holds an unfinished run's checkpoints (up to {Path(last).name}); "
+                               "pass --resume to continue it, or --overwrite to delete them and start again")
+
+
+def write_validation_files(run_dir: Path, config: TrainConfig, data: PreparedData) -> dict[str, Any]:
+    """``validation/{eval,test}.jsonl`` (rendered prompts, references, texts) and their run.json section."""
+    splits = {}
+    for split, examples, name in (("eval", data.eval_examples, config.eval_split),
+                                  ("test", data.test_examples, config.test_split)):
+        if examples:
+            splits[split] = {**write_validation_rows(run_dir, split, examples), "split": name}
+    return {"chat": config.use_chat_template, "max_new_tokens": config.eval_max_new_tokens, "splits": splits}
 
 
 def _final_figures(trainer: Any, data: PreparedData, eval_during: bool) -> tuple[dict[str, float], dict[str, Any]]:

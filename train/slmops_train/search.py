@@ -120,8 +120,13 @@ def run_search(search_path: Path, overrides: dict[str, Any], config_path: Path |
     metric = str(spec.get("metric", "eval_loss"))
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
     out = Path(str(overrides.get("output_path") or spec.get("output_path") or f"runs/{build_config(base).run_name()}-search"))
-    check_output_path(out, bool(overrides.get("overwrite") or spec.get("overwrite")))
+    overwrite = bool(overrides.get("overwrite") or spec.get("overwrite"))
+    check_output_path(out, overwrite)
     work = out.parent / f".{out.name}.search"
+    if work.exists() and any(work.iterdir()) and not overwrite:
+        trials = sorted(p.name for p in work.iterdir() if p.name.startswith("trial_"))
+        raise SlmopsUsageError("--overwrite", f"'{work}' holds an unfinished search's trials ({', '.join(trials) or 'files'}); "
+                               "a search cannot --resume: pass --overwrite to delete them and search again, or move them away")
     shutil.rmtree(work, ignore_errors=True)
     sampler_name = spec.get("sampler", "tpe")
     seed = int(spec.get("seed", base.get("seed", 42)))
