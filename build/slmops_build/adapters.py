@@ -16,20 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from slmops.bundle import AdapterInfo, LoraTemplate
+from slmops.contract import ADAPTER_DTYPES, adapter_name_problem, parse_lora_input, write_adapter_tensors
 from slmops.errors import SlmopsUsageError
 from slmops.fsutil import portable_path, sha256_file
 from slmops.runrecord import RUN_JSON, read_run_record
-from slmops_build.export import parse_lora_input
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 SLMOPS_ADAPTER_JSON = "slmops_adapter.json"
-ADAPTER_SUFFIX = ".onnx_adapter"
 # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 PEFT_KEY_RE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:[\w.]*\.)?(\w+)\.lora_([AB])\.weight$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-# .onnx_adapter tensor dtypes (numpy has no bfloat16, and no CPU/CUDA target uses it)
-ADAPTER_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -88,8 +84,9 @@ def parse_adapter_specs(specs: list[str] | tuple[str, ...] | dict[str, str] | No
                 raise SlmopsUsageError("--adapter", f"the name '{name}' is given twice; use NAME=PATH with distinct names")
             pairs[name.strip()] = path.strip()
     for name in pairs:
-        if not NAME_RE.match(name):
-            raise SlmopsUsageError("--adapter", f"'{name}' is not a valid adapter name; use letters, digits, '.', '_' or '-'")
+        problem = adapter_name_problem(name)
+        if problem is not None:
+            raise SlmopsUsageError("--adapter", f"{problem} (NAME=PATH names it)")
     return pairs
 
 
@@ -220,7 +217,7 @@ def adapter_arrays(pairs: dict[tuple[int, str], dict[str, Any]], config: dict[st
     for item in template.inputs:
         parsed = parse_lora_input(item.name)
         if parsed:
-            by_key[parsed] = item
+            by_key[(parsed.layer, parsed.projection, parsed.side)] = item
     # {(layer, projection): [(member, A [in, r], B [r, member out] scaled)]}
     grouped: dict[tuple[int, str], list[tuple[Any, Any, Any]]] = {}
     for (layer, module), ab in sorted(pairs.items()):
@@ -260,29 +257,6 @@ def adapter_arrays(pairs: dict[tuple[int, str], dict[str, Any]], config: dict[st
     return arrays
 
 
-def write_onnx_adapter(arrays: dict[str, Any], out_path: Path) -> None:
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fmt.export_adapter(str(out_path))
-
-
-def read_onnx_adapter(path: Path) -> dict[str, Any]:
-    """``{name: numpy array}`` of an ``.onnx_adapter`` file."""
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat.read_adapter(str(path))
-    params = fmt.get_parameters()
-    # The OrtValues point into ``fmt``'s buffer: copy before it is freed.
-    arrays = {k: v.numpy().copy() for k, v in params.items()}
-    del params, fmt
-    return arrays
-
-
 def convert_adapter(peft_dir: str | Path, template: LoraTemplate, dtype: str, out_path: str | Path,
                     name: str = "") -> AdapterInfo:
     """Convert one PEFT LoRA adapter folder into ``out_path`` (an ``.onnx_adapter`` file)."""
@@ -296,7 +270,7 @@ def convert_adapter(peft_dir: str | Path, template: LoraTemplate, dtype: str, ou
     pairs = lora_pairs(read_lora_tensors(adapter_dir, name=name), label)
     arrays = adapter_arrays(pairs, config, template, dtype, label)
     out_path = Path(out_path)
-    write_onnx_adapter(arrays, out_path)
+    write_adapter_tensors(arrays, out_path)
     modules = [m for m in template.modules if m in {module for _, module in pairs}]
     ranks = [int(ab["A"].shape[0]) for ab in pairs.values()]
     run_dir = adapter_dir.parent if (adapter_dir.parent / RUN_JSON).is_file() else None

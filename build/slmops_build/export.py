@@ -34,6 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from slmops.bundle import LoraInput, LoraTemplate, PackedMember
+from slmops.contract import (
+    DTYPE_OF_ONNX_ELEM,
+    GENAI_CONFIG,
+    ROW_MASK_PREFIX,
+    lora_input_name,
+    parse_lora_input,
+    read_genai_config,
+    row_mask_name,
+)
 from slmops.errors import SlmopsUsageError
 from slmops.targets import Target
 from slmops_build.quantize import builder_extra_options, merged_options, quantize_graph, quantizer_for
@@ -51,36 +60,15 @@ PACKED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 PROJECTION_ORDER = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj")
 RANK_DIM = "lora_r"
 OUT_DIM = "lora_out"
-ROW_MASK_PREFIX = "lora_row_mask."
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-GENAI_CONFIG = "genai_config.json"
 
-# model.layers.3.attn.qkv_proj.lora_A.MatMul.weight
-LORA_INPUT_RE = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.MatMul\.weight$")
 # /model/layers.3/attn/qkv_proj/MatMul (float) or .../MatMul_Q4 (the builder's quantizer)
 BASE_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul(?:_Q\d+)?$")
 
 
 class ExportError(RuntimeError):
     """The model builder or the graph rewrite failed (not a user input problem)."""
-
-
-def lora_input_name(layer: int, group: str, projection: str, which: str) -> str:
-    return f"model.layers.{layer}.{group}.{projection}.lora_{which}.MatMul.weight"
-
-
-def row_mask_name(projection: str) -> str:
-    """``qkv_proj`` -> ``lora_row_mask.qkv_proj`` (one mask input per projection kind, all layers)."""
-    return f"{ROW_MASK_PREFIX}{projection}"
-
-
-def parse_lora_input(name: str) -> tuple[int, str, str] | None:
-    """``model.layers.3.attn.qkv_proj.lora_A.MatMul.weight`` -> (3, "qkv_proj", "A")."""
-    match = LORA_INPUT_RE.match(name)
-    if not match:
-        return None
-    return int(match.group(1)), match.group(3), match.group(4)
 
 
 def check_lora_modules(modules: Iterable[str] | None) -> list[str]:
@@ -189,9 +177,8 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
 
     model = ir.load(str(src_dir / MODEL_FILE))
     graph: Any = model.graph
-    float_types = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
     logits = next((o for o in graph.outputs if o.name == "logits"), None)
-    dtype = logits.dtype if logits is not None and logits.dtype in float_types else ir.DataType.FLOAT
+    dtype = logits.dtype if logits is not None and logits.dtype in DTYPE_OF_ONNX_ELEM else ir.DataType.FLOAT
     np_dtype = dtype.numpy()
     inputs: list[LoraInput] = []
     projections: dict[str, list[PackedMember]] = {}
@@ -273,7 +260,7 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
     return LoraTemplate(
         modules=[m for m in DEFAULT_LORA_MODULES if m in covered],
         num_layers=len(layers),
-        dtype=float_types.get(dtype, "float32"),
+        dtype=DTYPE_OF_ONNX_ELEM.get(dtype, "float32"),
         inputs=sorted(inputs, key=lambda i: _input_order(i.name)),
         projections={p: projections[p] for p in sorted(projections, key=_projection_order)},
         row_masks={p: row_mask_name(p) for p in sorted(row_masks, key=_projection_order)},
@@ -288,8 +275,7 @@ def _input_order(name: str) -> tuple[int, int, str]:
     parsed = parse_lora_input(name)
     if parsed is None:
         return (1 << 30, 0, name)
-    layer, projection, which = parsed
-    return (layer, _projection_order(projection), which)
+    return (parsed.layer, _projection_order(parsed.projection), parsed.side)
 
 
 def copy_side_files(src_dir: Path, dst_dir: Path) -> None:
@@ -304,7 +290,6 @@ def read_template(model_dir: Path) -> LoraTemplate:
     import onnx
 
     model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
-    type_names = {1: "float32", 10: "float16", 16: "bfloat16"}
     inputs, layers, modules, dtypes = [], set(), set(), set()
     row_masks: dict[str, str] = {}
     for graph_input in model.graph.input:
@@ -316,10 +301,10 @@ def read_template(model_dir: Path) -> LoraTemplate:
             continue
         dims: list[int | str] = [d.dim_param or int(d.dim_value) for d in graph_input.type.tensor_type.shape.dim]
         inputs.append(LoraInput(name=graph_input.name, shape=dims))
-        layers.add(parsed[0])
-        modules.add(parsed[1])
-        dtypes.add(type_names.get(graph_input.type.tensor_type.elem_type, str(graph_input.type.tensor_type.elem_type)))
-    num_layers = len(layers) or int(genai_config(model_dir)["model"]["decoder"].get("num_hidden_layers", 0))
+        layers.add(parsed.layer)
+        modules.add(parsed.projection)
+        dtypes.add(DTYPE_OF_ONNX_ELEM.get(graph_input.type.tensor_type.elem_type, str(graph_input.type.tensor_type.elem_type)))
+    num_layers = len(layers) or int(read_genai_config(model_dir)["model"]["decoder"].get("num_hidden_layers", 0))
     return LoraTemplate(
         modules=sorted(modules, key=_projection_order), num_layers=num_layers,
         dtype=dtypes.pop() if len(dtypes) == 1 else "", inputs=sorted(inputs, key=lambda i: _input_order(i.name)),
@@ -334,17 +319,12 @@ def shape_fits(graph_shape: list[int | str], abi_shape: list[int | str]) -> bool
 
 
 # ---- 3. genai_config.json -------------------------------------------------------------------
-def genai_config(model_dir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((model_dir / GENAI_CONFIG).read_text())
-    return data
-
-
 def set_session_options(model_dir: Path, session_options: dict[str, Any]) -> None:
     """Merge the target's session options (e.g. ``intra_op_num_threads``) into genai_config.json.
 
     onnxruntime-genai otherwise runs a CPU session on ONE intra-op thread.
     """
-    config = genai_config(model_dir)
+    config = read_genai_config(model_dir)
     options = config["model"]["decoder"].setdefault("session_options", {})
     options.update(session_options)
     (model_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
@@ -355,10 +335,9 @@ def io_dtype_name(model_dir: Path) -> str:
     import onnx
 
     model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
-    names = {1: "float32", 10: "float16", 16: "bfloat16"}
     for out in model.graph.output:
         if out.name == "logits":
-            return names.get(out.type.tensor_type.elem_type, "float32")
+            return DTYPE_OF_ONNX_ELEM.get(out.type.tensor_type.elem_type, "float32")
     return "float32"
 
 

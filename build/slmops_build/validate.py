@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmops import contract
 from slmops.bundle import LoraTemplate
+from slmops.contract import DTYPE_OF_ONNX_TYPE as ONNX_TYPES
+from slmops.contract import read_genai_config as genai_config
 from slmops.runrecord import RunRecordError, read_validation_rows
 from slmops.targets import Target
-from slmops_build.adapters import PeftAdapter, read_onnx_adapter
-from slmops_build.export import MODEL_FILE, genai_config
+from slmops_build.adapters import PeftAdapter
+from slmops_build.export import MODEL_FILE
 
 FALLBACK_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -40,7 +43,6 @@ FALLBACK_TEXTS = [
 MAX_PPL_TOKENS = 256
 MAX_NEW_TOKENS_CAP = 64
 BASE_COMPARE_ROWS = 8
-ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
 
 
 class BuildValidationError(Exception):
@@ -80,25 +82,9 @@ class EvalSet:
 
 # ---- static checks --------------------------------------------------------------------------
 def check_adapter_file(path: Path, template: LoraTemplate) -> list[str]:
-    """Problems of one ``.onnx_adapter`` against the bundle's ABI (empty = fits)."""
-    try:
-        arrays = read_onnx_adapter(path)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as any ORT error
-        return [f"{path.name}: cannot be read ({type(exc).__name__}: {str(exc)[:120]})"]
-    shapes = {i.name: i.shape for i in template.inputs}
-    problems = []
-    if not arrays:
-        problems.append(f"{path.name}: holds no tensors")
-    for name, array in arrays.items():
-        if name not in shapes:
-            problems.append(f"{path.name}: {name} is not a LoRA input of this bundle's ABI")
-            continue
-        if str(array.dtype) != template.dtype:
-            problems.append(f"{path.name}: {name} is {array.dtype}, the bundle expects {template.dtype}")
-        want = shapes[name]
-        if len(array.shape) != 2 or any(isinstance(w, int) and w != s for w, s in zip(want, array.shape, strict=False)):
-            problems.append(f"{path.name}: {name} has shape {list(array.shape)}, the bundle expects {want}")
-    return problems
+    """Problems of one ``.onnx_adapter`` against the bundle's ABI (empty = fits): slmops.contract's
+    check, the one the server runs before it loads an adapter."""
+    return [f"{path.name}: {problem}" for problem in contract.check_adapter_file(path, template).problems]
 
 
 def can_run(target: Target) -> tuple[bool, str]:

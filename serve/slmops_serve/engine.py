@@ -7,7 +7,7 @@ Three parts, each readable alone:
   loop: prefill what waits (short prompts together, a long one a chunk at a time), then one
   decode step for every running row, and again;
 - the batch state (:class:`Row`): a request's cache row, adapter, sampler, stop strings and text;
-- the model runner (:mod:`slmops_serve.runner`): one step of the graph over the KV cache.
+- the model runner (:mod:`slmops.runtime.runner`): one step of the graph over the KV cache.
 
 A request's adapter is acquired at admission and released when its row leaves, so a hot swap
 never changes the weights of a request already admitted. A cancelled request or an expired
@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 
 from slmops.bundle import BundleError, BundleManifest, read_manifest, verify_files
+from slmops.contract import GenaiConfig, read_adapter_tensors
+from slmops.runtime.runner import ModelRunner
+from slmops.runtime.text import Sampler, TemplateError, TextCodec, TokenStream
 from slmops_serve.config import ServeConfig
 from slmops_serve.errors import (
     FAILED_PRECONDITION,
@@ -44,8 +47,6 @@ from slmops_serve.errors import (
 )
 from slmops_serve.metrics import BASE_LABEL, ServeMetrics
 from slmops_serve.registry import AdapterRegistry, LoadedAdapter
-from slmops_serve.runner import GraphInfo, ModelRunner
-from slmops_serve.text import Sampler, TemplateError, TextCodec, TokenStream
 
 log = logging.getLogger("slmops.serve")
 
@@ -195,7 +196,7 @@ def session_threads(model_dir: Path, override: int | None) -> int | None:
     """The intra-op thread count the session will use (None = onnxruntime's default)."""
     if override is not None:
         return override
-    value = GraphInfo.read(model_dir).session_options.get("intra_op_num_threads")
+    value = GenaiConfig.read(model_dir).session_options.get("intra_op_num_threads")
     return int(value) if value is not None else None
 
 
@@ -209,12 +210,7 @@ class AdapterStore:
         self._on_unload = on_unload
 
     def load(self, path: str, name: str) -> None:
-        import onnxruntime as ort
-
-        fmt = ort.AdapterFormat.read_adapter(path)
-        # copy: numpy() views memory that the AdapterFormat frees with itself
-        tensors = {key: np.array(value.numpy(), copy=True) for key, value in fmt.get_parameters().items()}
-        del fmt
+        tensors = read_adapter_tensors(path)
         with self._lock:
             if name in self._tensors:
                 raise RuntimeError(f"adapter '{name}' is already loaded")

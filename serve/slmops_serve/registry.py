@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmops import contract
 from slmops.bundle import LoraTemplate
+from slmops.contract import ADAPTER_SUFFIX, MERGED_BUNDLE_PROBLEM, adapter_name_problem
 from slmops_serve.errors import (
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
@@ -37,13 +39,7 @@ from slmops_serve.errors import (
 
 log = logging.getLogger("slmops.serve")
 
-ADAPTER_SUFFIX = ".onnx_adapter"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# onnxruntime OrtValue.data_type() strings of the dtypes bundle.json's lora_template may name.
-ORT_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}
-# model.layers.3.attn.q_proj.lora_A.MatMul.weight -> ("model.layers.3.attn.q_proj", "A")
-LORA_NAME_RE = re.compile(r"^(.*)\.lora_([AB])\.MatMul\.weight$")
 
 
 @dataclass
@@ -84,9 +80,9 @@ class LoadResult:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
-        raise ServeError(INVALID_ARGUMENT, "name", f"'{name}' is not a valid adapter name; use 1-64 letters, digits, "
-                         "'.', '_' or '-', starting with a letter or digit")
+    problem = adapter_name_problem(name)
+    if problem is not None:
+        raise ServeError(INVALID_ARGUMENT, "name", problem)
     return name
 
 
@@ -95,94 +91,24 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "path", display: str | None = None) -> AdapterFile:
-    """Read ``path`` with onnxruntime and check it against the bundle's adapter ABI (names, shapes, dtype).
-    Messages name the file ``display`` (the user's name for it; default ``path.name``).
+    """Read ``path`` and check it against the bundle's adapter ABI (slmops.contract: names, shapes,
+    dtype, A/B ranks). Messages name the file ``display`` (the user's name for it; default ``path.name``).
 
     Raises:
         ServeError: INVALID_ARGUMENT for a file that is not an .onnx_adapter, FAILED_PRECONDITION for
             one that does not match this bundle's lora_template.
     """
-    import onnxruntime as ort
-
     shown = display or path.name
     if not template.inputs:
-        raise ServeError(FAILED_PRECONDITION, field_name, "this bundle has no LoRA inputs (an adapter was merged into its "
-                         "weights), so it takes no runtime adapters; build a bundle without --merge")
+        raise ServeError(FAILED_PRECONDITION, field_name, MERGED_BUNDLE_PROBLEM)
     data = path.read_bytes()
     sha = sha256_bytes(data)
-    try:
-        fmt = ort.AdapterFormat.read_adapter(str(path))
-        params = fmt.get_parameters()
-        tensors = {name: (list(value.shape()), str(value.data_type())) for name, value in params.items()}
-        # B's block-diagonal layout says which PEFT modules of a packed projection it adapts
-        b_blocks = {name: value.numpy() != 0 for name, value in params.items() if ".lora_B." in name}
-        del params, fmt
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError for any corrupt buffer
-        detail = str(exc).rsplit(")", 1)[-1].strip() or type(exc).__name__
-        raise ServeError(INVALID_ARGUMENT, field_name, f"'{shown}' is not a valid .onnx_adapter file ({detail[:160]})") from exc
-    if not tensors:
-        raise ServeError(FAILED_PRECONDITION, field_name, f"'{shown}' holds no LoRA tensors")
-    expected = {item.name: item.shape for item in template.inputs}
-    want_dtype = ORT_DTYPES.get(template.dtype, template.dtype)
-    ranks: dict[str, dict[str, int]] = {}
-    for name, (shape, dtype) in sorted(tensors.items()):
-        if name not in expected:
-            raise ServeError(FAILED_PRECONDITION, field_name,
-                             f"adapter ABI mismatch: tensor '{name}' is not a LoRA input of this bundle (bundle.json "
-                             f"lora_template: {template.modules}, {template.num_layers} layers); the adapter was built for "
-                             "another bundle or base model; rebuild it with `slmops build`")
-        if dtype != want_dtype:
-            raise ServeError(FAILED_PRECONDITION, field_name,
-                             f"adapter ABI mismatch: tensor '{name}' has dtype {dtype}, this bundle's adapters must be "
-                             f"{template.dtype} ({want_dtype}); convert it for this target with `slmops build`")
-        want = expected[name]
-        if len(shape) != len(want) or any(isinstance(w, int) and w != s for w, s in zip(want, shape, strict=False)):
-            raise ServeError(FAILED_PRECONDITION, field_name,
-                             f"adapter ABI mismatch: tensor '{name}' has shape {shape}, this bundle expects {want}; "
-                             "it was built for another base model")
-        match = LORA_NAME_RE.match(name)
-        if match:
-            rank_dims = [s for w, s in zip(want, shape, strict=False) if not isinstance(w, int)]
-            if rank_dims:
-                ranks.setdefault(match.group(1), {})[match.group(2)] = int(rank_dims[0])
-    for prefix, pair in sorted(ranks.items()):
-        if set(pair) != {"A", "B"}:
-            raise ServeError(FAILED_PRECONDITION, field_name, f"'{prefix}' has lora_{next(iter(pair))} without its pair; "
-                             "the adapter is incomplete")
-        if pair["A"] != pair["B"]:
-            raise ServeError(FAILED_PRECONDITION, field_name, f"'{prefix}' has rank {pair['A']} in lora_A but {pair['B']} in lora_B")
-    modules, rank = adapted_modules(template, ranks, b_blocks)
-    return AdapterFile(path=path, sha256=sha, size=len(data), rank=rank, modules=modules)
-
-
-def adapted_modules(template: LoraTemplate, ranks: dict[str, dict[str, int]],
-                    b_nonzero: dict[str, Any]) -> tuple[list[str], int]:
-    """(PEFT modules, largest per-module rank) of an adapter, read back from its packed B blocks.
-
-    A packed B (ABI 2) holds member m's rank rows only in m's output columns, so the rows that are
-    non-zero in m's columns are m's rank. A projection whose B is all zero (an untrained adapter)
-    counts as its projection name with the packed rank.
-    """
-    modules: set[str] = set()
-    rank = 0
-    for prefix, pair in ranks.items():
-        projection = prefix.rsplit(".", 1)[-1]
-        members = template.projections.get(projection, [])
-        nonzero = b_nonzero.get(f"{prefix}.lora_B.MatMul.weight")
-        found = False
-        for member in members:
-            if nonzero is None:
-                break
-            rows = int(nonzero[:, member.offset:member.offset + member.size].any(axis=1).sum())
-            if rows:
-                modules.add(member.module)
-                rank = max(rank, rows)
-                found = True
-        if not found:
-            modules.add(projection)
-            rank = max(rank, pair["A"])
-    order = {m: i for i, m in enumerate(template.modules)}
-    return sorted(modules, key=lambda m: (order.get(m, len(order)), m)), rank
+    check = contract.check_adapter_file(path, template)
+    if not check.readable:
+        raise ServeError(INVALID_ARGUMENT, field_name, f"'{shown}' is {check.summary()}")
+    if check.problems:
+        raise ServeError(FAILED_PRECONDITION, field_name, f"'{shown}': {check.summary()}")
+    return AdapterFile(path=path, sha256=sha, size=len(data), rank=check.rank, modules=check.modules)
 
 
 class AdapterRegistry:

@@ -12,8 +12,9 @@ import logging
 import threading
 from pathlib import Path
 
+from slmops.contract import ADAPTER_SUFFIX, adapter_name_problem
 from slmops_serve.errors import ServeError
-from slmops_serve.registry import ADAPTER_SUFFIX, NAME_RE, AdapterRegistry
+from slmops_serve.registry import AdapterRegistry
 
 log = logging.getLogger("slmops.serve")
 
@@ -65,9 +66,10 @@ class AdapterWatcher:
                 continue
             self._loaded[path] = signature
             name = path.name[: -len(ADAPTER_SUFFIX)]
-            if not NAME_RE.match(name):
+            problem = adapter_name_problem(name)
+            if problem is not None:
                 log.warning("adapter file ignored", extra={"fields": {"event": "watch_skip", "path": str(path),
-                                                                      "error": "file stem is not a valid adapter name"}})
+                                                                      "error": f"file stem: {problem}"}})
                 continue
             try:
                 result = self.registry.load(name, path=str(path), source="watch")

@@ -79,7 +79,9 @@ def test_dora_is_accepted_for_merge(tiny_runs: dict[str, Path], tiny_model_dir: 
 def test_scales_follow_peft(tiny_runs: dict[str, Path], lora_export: Export, tmp_path: Path) -> None:
     """B is scaled by alpha/r, alpha/sqrt(r) with rsLoRA, alpha_pattern per module; A is only transposed."""
     from safetensors.torch import load_file
-    from slmops_build.adapters import convert_adapter, lora_scale, read_onnx_adapter
+    from slmops_build.adapters import convert_adapter, lora_scale
+
+    from slmops.contract import read_adapter_tensors
 
     assert lora_scale({"lora_alpha": 16}, "layers.0.q_proj", 8) == 2.0
     assert lora_scale({"lora_alpha": 16, "use_rslora": True}, "layers.0.q_proj", 4) == 8.0
@@ -88,7 +90,7 @@ def test_scales_follow_peft(tiny_runs: dict[str, Path], lora_export: Export, tmp
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
     convert_adapter(adapter, lora_export.template, "float32", tmp_path / "rs.onnx_adapter")
-    arrays = read_onnx_adapter(tmp_path / "rs.onnx_adapter")
+    arrays = read_adapter_tensors(tmp_path / "rs.onnx_adapter")
     peft = load_file(str(adapter / "adapter_model.safetensors"))
     a = peft["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].numpy()
     b = peft["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].numpy()
@@ -109,13 +111,14 @@ def test_scales_follow_peft(tiny_runs: dict[str, Path], lora_export: Export, tmp
 
 
 def test_fp16_adapter_and_shape_mismatch(tiny_runs: dict[str, Path], lora_export: Export, tmp_path: Path) -> None:
-    from slmops_build.adapters import convert_adapter, read_onnx_adapter
+    from slmops_build.adapters import convert_adapter
 
     from slmops.bundle import LoraInput
+    from slmops.contract import read_adapter_tensors
 
     info = convert_adapter(tiny_runs["tone"], lora_export.template, "float16", tmp_path / "h.onnx_adapter")
     assert info.dtype == "float16"
-    assert {str(v.dtype) for v in read_onnx_adapter(tmp_path / "h.onnx_adapter").values()} == {"float16"}
+    assert {str(v.dtype) for v in read_adapter_tensors(tmp_path / "h.onnx_adapter").values()} == {"float16"}
     wrong = lora_export.template.model_copy(deep=True)
     wrong.inputs = [LoraInput(name=i.name, shape=[128, "lora_r"] if ".lora_A." in i.name else i.shape) for i in wrong.inputs]
     with pytest.raises(SlmopsUsageError, match="another base model"):

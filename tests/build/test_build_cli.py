@@ -173,10 +173,11 @@ def test_bad_target_via_the_real_entry_point(tiny_model_dir: Path, tmp_path: Pat
 # ---- other targets and modes ----------------------------------------------------------------
 def test_cuda_target_builds_fp16_without_running(tiny_model_dir: Path, tiny_runs: dict[str, Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from slmops_build.adapters import read_onnx_adapter
     from slmops_build.build import build_bundle, build_config
-    from slmops_build.export import genai_config, read_template
+    from slmops_build.export import read_template
     from slmops_build.validate import BuildValidationError
+
+    from slmops.contract import read_adapter_tensors, read_genai_config
 
     monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")
     values = {"target": "cuda", "model_name_or_path": str(tiny_model_dir), "adapters": {"tone": str(tiny_runs["tone"])},
@@ -189,8 +190,8 @@ def test_cuda_target_builds_fp16_without_running(tiny_model_dir: Path, tiny_runs
     manifest = read_manifest(out)
     assert (manifest.target.execution_provider, manifest.target.precision, manifest.target.adapter_dtype) == ("cuda", "fp16", "float16")
     assert read_template(out / "model").dtype == "float16"
-    assert {str(a.dtype) for a in read_onnx_adapter(out / "adapters" / "tone.onnx_adapter").values()} == {"float16"}
-    assert "cuda" in json.dumps(genai_config(out / "model")["model"]["decoder"]["session_options"]["provider_options"])
+    assert {str(a.dtype) for a in read_adapter_tensors(out / "adapters" / "tone.onnx_adapter").values()} == {"float16"}
+    assert "cuda" in json.dumps(read_genai_config(out / "model")["model"]["decoder"]["session_options"]["provider_options"])
     validation = manifest.validation
     assert validation["status"] == "unverified" and not validation["passed"] and validation["functional"] == "skipped"
     assert "not available" in validation["unverified"][0]

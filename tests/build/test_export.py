@@ -64,12 +64,14 @@ def test_packed_adapter_logits_equal_peft(name: str, tiny_model_dir: Path, tiny_
     PEFT's per-module LoRA (tone: q,v r=4 alpha 8; extract: all 7 modules r=8 alpha 16)."""
     import torch
     from peft import PeftModel
-    from slmops_build.adapters import convert_adapter, read_onnx_adapter
+    from slmops_build.adapters import convert_adapter
     from transformers import AutoModelForCausalLM
+
+    from slmops.contract import read_adapter_tensors
 
     adapter_dir = tiny_runs[name] / "adapter"
     info = convert_adapter(adapter_dir, lora_export.template, "float32", tmp_path / "a.onnx_adapter")
-    arrays = read_onnx_adapter(tmp_path / "a.onnx_adapter")
+    arrays = read_adapter_tensors(tmp_path / "a.onnx_adapter")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), str(adapter_dir))
     ids = [5, 60, 120, 33, 250, 17, 99, 42]
     with torch.no_grad():

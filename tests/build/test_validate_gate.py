@@ -62,13 +62,15 @@ def test_misconverted_adapter_fails_the_accuracy_gate(tiny_model_dir: Path, joy_
     the real validator must catch it from the task rows alone."""
     import slmops_build.adapters as adapters
 
+    from slmops.contract import read_adapter_tensors, write_adapter_tensors
+
     real_convert = adapters.convert_adapter
 
     def sign_flipped(*args: Any, **kwargs: Any) -> Any:
         info = real_convert(*args, **kwargs)
         out_path = Path(args[3])
-        arrays = adapters.read_onnx_adapter(out_path)
-        adapters.write_onnx_adapter({k: -v if ".lora_B." in k else v for k, v in arrays.items()}, out_path)
+        arrays = read_adapter_tensors(out_path)
+        write_adapter_tensors({k: -v if ".lora_B." in k else v for k, v in arrays.items()}, out_path)
         return info
 
     monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")

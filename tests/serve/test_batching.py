@@ -122,7 +122,7 @@ def test_batched_prefill_and_decode_equal_onnxruntime_genai(tiny_bundle: Path, r
 
 
 def test_gpu_bundle_without_its_provider_is_refused_in_one_line() -> None:
-    from slmops_serve.runner import session_providers
+    from slmops.runtime.runner import session_providers
 
     assert session_providers("cpu", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert session_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"

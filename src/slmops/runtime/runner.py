@@ -22,68 +22,18 @@ with different adapters share one step and each distinct adapter's weights are r
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slmops.bundle import LoraTemplate
+from slmops.contract import ONNX_TYPE_OF, GenaiConfig, numpy_dtype
 
-GENAI_CONFIG = "genai_config.json"
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _INITIAL_CAPACITY = 256
 DEFAULT_MAX_LENGTH = 4096
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    """What the runner needs from genai_config.json."""
-
-    model_file: str
-    num_layers: int
-    kv_heads: int
-    head_size: int
-    vocab_size: int
-    context_length: int
-    eos_ids: tuple[int, ...]
-    input_ids: str
-    attention_mask: str
-    past_key: str
-    past_value: str
-    logits: str
-    present_key: str
-    present_value: str
-    session_options: dict[str, Any]
-
-    @classmethod
-    def read(cls, model_dir: Path) -> GraphInfo:
-        config = json.loads((model_dir / GENAI_CONFIG).read_text())
-        model = config["model"]
-        decoder = model["decoder"]
-        inputs, outputs = decoder.get("inputs", {}), decoder.get("outputs", {})
-        eos = model.get("eos_token_id", [])
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-        return cls(
-            model_file=decoder.get("filename", "model.onnx"),
-            num_layers=int(decoder["num_hidden_layers"]),
-            kv_heads=int(decoder["num_key_value_heads"]),
-            head_size=int(decoder["head_size"]),
-            vocab_size=int(model["vocab_size"]),
-            context_length=int(model.get("context_length") or config.get("search", {}).get("max_length", 2048)),
-            eos_ids=eos_ids,
-            input_ids=inputs.get("input_ids", "input_ids"),
-            attention_mask=inputs.get("attention_mask", "attention_mask"),
-            past_key=inputs.get("past_key_names", "past_key_values.%d.key"),
-            past_value=inputs.get("past_value_names", "past_key_values.%d.value"),
-            logits=outputs.get("logits", "logits"),
-            present_key=outputs.get("present_key_names", "present.%d.key"),
-            present_value=outputs.get("present_value_names", "present.%d.value"),
-            session_options=dict(decoder.get("session_options", {})),
-        )
 
 
 # bundle.json target.execution_provider -> onnxruntime provider
@@ -109,7 +59,7 @@ def session_providers(execution_provider: str, available: list[str]) -> list[str
 class KVCache:
     """Per-layer key/value buffers ``[rows, kv_heads, capacity, head_size]``; rows ``[0, n)`` are live."""
 
-    def __init__(self, info: GraphInfo, rows: int, dtype: Any, max_length: int) -> None:
+    def __init__(self, info: GenaiConfig, rows: int, dtype: Any, max_length: int) -> None:
         self.info = info
         self.rows = rows
         self.dtype = dtype
@@ -294,7 +244,7 @@ class ModelRunner:
                  max_length: int | None = None, execution_provider: str = "cpu") -> None:
         import onnxruntime as ort
 
-        self.info = GraphInfo.read(model_dir)
+        self.info = GenaiConfig.read(model_dir)
         options = ort.SessionOptions()
         configured = self.info.session_options.get("intra_op_num_threads")
         self.threads = threads if threads is not None else (int(configured) if configured is not None else None)
@@ -306,8 +256,8 @@ class ModelRunner:
                                             providers=session_providers(execution_provider, ort.get_available_providers()))
         # inputs with a default (the LoRA pairs and masks) are "overridable initializers" to onnxruntime
         io_types = {i.name: i.type for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
-        kv_type = io_types.get(self.info.past_key % 0, "tensor(float)")
-        self.dtype = np.float16 if "float16" in kv_type else np.float32
+        kv_type = io_types.get(self.info.past_key % 0, ONNX_TYPE_OF["float32"])
+        self.dtype = np.float16 if kv_type == ONNX_TYPE_OF["float16"] else np.float32
         self.graph_inputs = set(io_types)
         missing = {m for m in template.row_masks.values()} - self.graph_inputs
         if missing:
@@ -315,7 +265,7 @@ class ModelRunner:
         self.rows = rows
         self.max_length = min(max_length or DEFAULT_MAX_LENGTH, self.info.context_length)
         self.cache = KVCache(self.info, rows, self.dtype, self.max_length)
-        self.bank = LoraBank(template, _NP_DTYPES.get(template.dtype, self.dtype)) if template.inputs else None
+        self.bank = LoraBank(template, numpy_dtype(template.dtype)) if template.inputs else None
         from onnxruntime.capi import _pybind_state
 
         self._ort, self._capi = ort, _pybind_state
