@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from slmops.contract import adapter_name_problem
 from slmops.fsutil import sha256_file
 
 BUNDLE_JSON = "bundle.json"
@@ -126,6 +127,15 @@ class BundleManifest(BaseModel):
     # How it was built: the resolved build options and timings (informational).
     build: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, AdapterInfo]) -> dict[str, AdapterInfo]:
+        for name in adapters:  # the name every stage uses (slmops.contract), so a bundle never holds one serve refuses
+            problem = adapter_name_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
+        return adapters
+
     def write(self, bundle_dir: Path) -> None:
         (Path(bundle_dir) / BUNDLE_JSON).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
 
@@ -154,7 +164,8 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise BundleError(f"{path}: {where}: {err['msg']} ({exc.error_count()} problem(s)); rebuild the bundle "
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise BundleError(f"{path}: {where}: {message} ({exc.error_count()} problem(s)); rebuild the bundle "
                           "with `slmops build`") from exc
 
 
