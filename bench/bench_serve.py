@@ -54,15 +54,10 @@ SERVE_PACKAGES = ("slmops", "onnxruntime", "onnxruntime-genai", "grpcio", "proto
 
 def versions(packages: tuple[str, ...] = SERVE_PACKAGES) -> dict[str, str]:
     """The machine and the installed versions of ``packages``, for a results JSON."""
-    from importlib import metadata
+    from slmops.contract import package_versions
 
-    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count()),
+            **package_versions(packages)}
 
 
 def prepare_adapters(bundle: Path, manifest: Any, workdir: Path, want: int = 4) -> dict[str, dict[str, Any]]:

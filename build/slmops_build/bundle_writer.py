@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from slmops.bundle import BUNDLE_JSON, AdapterInfo, BaseModelInfo, BundleManifest, LoraTemplate, TargetInfo
+from slmops.contract import package_versions
 from slmops.fsutil import portable_path, sha256_file
 from slmops.models import PREPARED_MARKER, model_weights_sha256
 from slmops.targets import Target
@@ -17,13 +17,7 @@ PRODUCER_PACKAGES = ("slmops", "onnxruntime", "onnxruntime-genai", "onnx", "onnx
 
 
 def producer_versions() -> dict[str, str]:
-    versions = {}
-    for name in PRODUCER_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return package_versions(PRODUCER_PACKAGES)
 
 
 def base_model_info(model_dir: str | Path, name_or_path: str) -> BaseModelInfo:

@@ -18,10 +18,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from slmops.contract import package_versions
 from slmops.errors import SlmopsUsageError
 from slmops.fsutil import check_output_path, replace_dir
 from slmops.models import model_weights_sha256, resolve_model_path
@@ -252,13 +252,8 @@ def _steps_per_epoch(n_rows: int, config: TrainConfig, world_size: int) -> int:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    return package_versions(("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes"),
+                            missing=None)
 
 
 def _checkpointing_arg() -> str:
