@@ -1,4 +1,5 @@
-"""``slmops bundle inspect|verify DIR``: read a bundle's manifest; re-check every file and adapter."""
+"""``slmops bundle inspect|verify DIR``: read a bundle's manifest; re-check every file and adapter,
+and run each adapter with the server's runtime (slmops.runtime)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ def inspect_command(bundle_dir: Path, as_json: bool) -> None:
 
 
 def verify_bundle(bundle_dir: Path, load: bool = True) -> tuple[list[str], list[str]]:
-    """(problems, notes): re-hash every file, check the ABI and every adapter, load them in og."""
+    """(problems, notes): re-hash every file, check the ABI and every adapter, then load the model
+    and every adapter with the server's runtime and decode a token with each."""
+    from slmops import contract
     from slmops.bundle import BundleError, read_manifest, verify_files
     from slmops.fsutil import sha256_file
-    from slmops.targets import TARGETS
     from slmops_build.export import read_template, shape_fits
-    from slmops_build.validate import can_run, check_adapter_file
 
     notes: list[str] = []
     try:
@@ -71,39 +72,38 @@ def verify_bundle(bundle_dir: Path, load: bool = True) -> tuple[list[str], list[
             continue
         if sha256_file(path) != info.sha256:
             problems.append(f"adapter {name}: sha256 differs from bundle.json")
-        problems += [f"adapter {name}: {p}" for p in check_adapter_file(path, template)]
+        problems += [f"adapter {name}: {p}" for p in contract.check_adapter_file(path, template).problems]
     if problems or not load:
         return problems, notes
-    target = TARGETS.get(manifest.target.name)
-    runnable, why = can_run(target) if target else (False, f"unknown target {manifest.target.name}")
-    if not runnable:
-        notes.append(f"not loaded in onnxruntime-genai: {why}")
-        return problems, notes
-    import onnxruntime_genai as og
+    import onnxruntime as ort
+
+    from slmops.runtime import LocalModel
+    from slmops.runtime.runner import session_providers
 
     try:
-        model = og.Model(str(model_dir))
-        adapters = og.Adapters(model)
-    except Exception as exc:  # noqa: BLE001
-        return [*problems, f"onnxruntime-genai cannot load the model: {exc}"], notes
+        session_providers(manifest.target.execution_provider, ort.get_available_providers())
+    except ValueError as exc:
+        notes.append(f"not loaded: {exc}")
+        return problems, notes
+    try:
+        model = LocalModel(model_dir, template, execution_provider=manifest.target.execution_provider)
+        model.generate([0, 1], 1)
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime failure is the finding
+        return [*problems, f"the model cannot be loaded or run: {type(exc).__name__}: {exc}"], notes
     for name, info in manifest.adapters.items():
         try:
-            adapters.load(str(bundle_dir / info.file), name)
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=8, do_sample=False)
-            generator = og.Generator(model, params)
-            generator.set_active_adapter(adapters, name)
-            generator.append_tokens([0, 1])
-            generator.generate_next_token()
+            model.load_adapter(name, bundle_dir / info.file)
+            model.generate([0, 1], 1, adapter=name)
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"adapter {name}: onnxruntime-genai cannot load or run it ({exc})")
-    notes.append(f"model and {len(manifest.adapters)} adapter(s) loaded in onnxruntime-genai")
+            problems.append(f"adapter {name}: cannot be loaded or run ({type(exc).__name__}: {exc})")
+        model.unload_adapter(name)
+    notes.append(f"model and {len(manifest.adapters)} adapter(s) loaded and run with the server's runtime")
     return problems, notes
 
 
 @bundle_group.command("verify")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--no-load", is_flag=True, help="only re-hash files and check the ABI; do not load in onnxruntime-genai")
+@click.option("--no-load", is_flag=True, help="only re-hash files and check the ABI; do not load the model")
 def verify_command(bundle_dir: Path, no_load: bool) -> None:
     """Re-hash every file, check the adapter ABI, load every adapter; exit 1 listing problems."""
     from slmops_build.cli import summary_console

@@ -78,7 +78,7 @@ def test_verify_passes_then_fails_on_a_corrupt_file(cli_bundle: dict[str, Any], 
     shutil.copytree(cli_bundle["out"], bundle)
     ok = run_cli(["bundle", "verify", str(bundle)])
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "ok" in ok.stdout and "loaded in onnxruntime-genai" in ok.stdout
+    assert "ok" in ok.stdout and "loaded and run with the server's runtime" in ok.stdout
     inspect = run_cli(["bundle", "inspect", str(bundle), "--json"])
     assert inspect.returncode == 0 and json.loads(inspect.stdout)["adapters"]["tone"]["rank"] == 4
     path = bundle / "adapters" / "tone.onnx_adapter"
