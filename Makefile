@@ -42,11 +42,12 @@ lint: install
 model: install
 	$(SLMOPS) model prepare
 
-# The demo adapters retrain only when their data or the config changed.
+# The demo adapters retrain only when their data, the config or run.json's schema (src/slmops/runrecord.py:
+# the build refuses another schema_version) changed.
 DEMO_ADAPTERS := tone extract
 train: $(STAGE_PREREQ) $(foreach a,$(DEMO_ADAPTERS),runs/$(a)/run.json)
 
-runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl examples/%/test.jsonl | $(STAGE_PREREQ)
+runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.jsonl examples/%/test.jsonl src/slmops/runrecord.py | $(STAGE_PREREQ)
 	$(SLMOPS_TRAIN_CMD) train -c examples/train.yaml --only $* --overwrite
 
 # Builds (or finds up to date: the build stage skips work when its inputs are unchanged) the

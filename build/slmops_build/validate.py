@@ -2,8 +2,9 @@
 
 - Static (always, any target): every ``.onnx_adapter`` reads, its tensors are graph LoRA inputs of
   the right dtype and shapes.
-- Functional (where the target's execution provider runs here): the bundle loads in
-  onnxruntime-genai, each adapter loads, generates, and changes the base model's output.
+- Functional (where the target's execution provider runs here): the bundle loads in the server's
+  own runtime (``slmops.runtime``: the decode loop that serves it), each adapter loads, generates,
+  and changes the base model's output.
 - Parity vs PyTorch (+PEFT, fp32): task accuracy (label tasks) or ROUGE-L (free text) on the
   adapter's own eval rows as its train run rendered them (``validation/<split>.jsonl`` beside its
   run.json, see ``slmops.runrecord``: files only, no train code); and base-model perplexity of the
@@ -183,49 +184,6 @@ def _cut(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-def eos_ids(model_dir: Path) -> set[int]:
-    value = genai_config(model_dir)["model"].get("eos_token_id")
-    return set(value) if isinstance(value, list) else ({int(value)} if value is not None else set())
-
-
-class OgRunner:
-    """Greedy generation on the bundle with onnxruntime-genai, as the server runs it."""
-
-    def __init__(self, model_dir: Path) -> None:
-        import onnxruntime_genai as og
-
-        self.og = og
-        self.model = og.Model(str(model_dir))
-        self.adapters = og.Adapters(self.model)
-        self.eos = eos_ids(model_dir)
-
-    def load(self, name: str, path: Path) -> float:
-        started = time.perf_counter()
-        self.adapters.load(str(path), name)
-        return (time.perf_counter() - started) * 1000
-
-    def _generator(self, ids: list[int], max_new: int, adapter: str | None) -> Any:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
-        gen = self.og.Generator(self.model, params)
-        if adapter:
-            gen.set_active_adapter(self.adapters, adapter)
-        gen.append_tokens(ids)
-        return gen
-
-    def generate(self, ids: list[int], max_new: int, adapter: str | None = None) -> list[int]:
-        gen = self._generator(ids, max_new, adapter)
-        while not gen.is_done():
-            gen.generate_next_token()
-        return _cut([int(t) for t in gen.get_sequence(0)[len(ids):]], self.eos)
-
-    def last_logits(self, ids: list[int], adapter: str | None = None) -> Any:
-        import numpy as np
-
-        gen = self._generator(ids, 1, adapter)
-        return np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1)
-
-
 class OrtScorer:
     """Full-sequence logits of the bundle's graph with onnxruntime (rank-0 LoRA defaults = base)."""
 
@@ -302,11 +260,14 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
     quiet_transformers()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_model_dir))
-    runner = OgRunner(model_dir)
+    from slmops.runtime import LocalModel
+
+    # the server's decode loop, on the target's provider (greedy; EOS cut off)
+    runner = LocalModel(model_dir, template, execution_provider=target.execution_provider)
     base = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32)
     base.eval()
     peft_model = _load_peft(base, {n: a for n, (a, _) in adapters.items()} if not merged else {merged.name: merged})
-    eos = runner.eos
+    eos = runner.eos_ids
 
     def encode(text: str, chat: bool) -> list[int]:
         return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
@@ -343,10 +304,10 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
         active = None
         if onnx_path is not None:
             try:
-                entry["load_ms"] = round(runner.load(name, onnx_path), 3)
+                entry["load_ms"] = round(runner.load_adapter(name, onnx_path), 3)
                 active = name
-            except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with its message
-                failures.append(f"adapter {name}: onnxruntime-genai cannot load it ({exc})")
+            except Exception as exc:  # noqa: BLE001 - an ABI mismatch (ValueError) or any onnxruntime error
+                failures.append(f"adapter {name}: the runtime cannot load it ({exc})")
                 continue
         if peft_model is not None:
             peft_model.set_adapter(name)

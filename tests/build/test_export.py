@@ -85,11 +85,11 @@ def test_packed_adapter_logits_equal_peft(name: str, tiny_model_dir: Path, tiny_
 
 
 def test_rank0_default_is_the_plain_base_model(lora_export: Export, plain_export: Path) -> None:
-    from slmops_build.validate import OgRunner
+    from slmops.runtime import LocalModel
 
     ids = [5, 60, 120, 33, 250, 17, 99, 42]
     np.testing.assert_allclose(_ort_logits(lora_export.model_dir, ids), _ort_logits(plain_export, ids), atol=1e-4, rtol=1e-4)
-    lora, plain = OgRunner(lora_export.model_dir), OgRunner(plain_export)
+    lora, plain = LocalModel(lora_export.model_dir, lora_export.template), LocalModel(plain_export)
     for prompt_ids in ([5, 60, 120], ids):
         assert lora.generate(prompt_ids, 16) == plain.generate(prompt_ids, 16)
 
@@ -100,14 +100,15 @@ def test_fp32_bundle_reproduces_peft_greedy_tokens(name: str, tiny_model_dir: Pa
     import torch
     from peft import PeftModel
     from slmops_build.adapters import convert_adapter
-    from slmops_build.validate import OgRunner
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from slmops.runtime import LocalModel
 
     adapter_dir = tiny_runs[name] / "adapter"
     path = tmp_path / f"{name}.onnx_adapter"
     convert_adapter(adapter_dir, lora_export.template, "float32", path)
-    runner = OgRunner(lora_export.model_dir)
-    runner.load(name, path)
+    runner = LocalModel(lora_export.model_dir, lora_export.template)  # the server's decode loop, as validation runs it
+    runner.load_adapter(name, path)
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), str(adapter_dir))
     model.eval()
