@@ -110,6 +110,53 @@ def test_failed_health_check_rolls_back_to_the_running_container(docker_client: 
     assert generate(deployment["port"]) == before
 
 
+@pytest.mark.parametrize("failure", ["create_then_connection_drops", "eof_while_waiting"])
+def test_any_failure_after_the_stop_rolls_back(docker_client: Any, serve_bundle: Path, deployment: dict[str, Any],
+                                              monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """A dropped ssh connection is not a docker APIError: the previous container must still come back.
+    Injected in-process, after the real engine stopped the old container: (1) the create reached the
+    engine but its answer never came back (a new container exists under the name, no handle to it);
+    (2) the connection ends (EOFError) while waiting for SERVING."""
+    from slmops.deploy import deployer
+    from slmops.deploy.hosts import parse_host
+
+    first = deploy(deployment, serve_bundle)
+    before = generate(deployment["port"])
+    real_create, stopped_seen = deployer._create, []
+
+    def create_then_drop(target: Any, *args: Any, **kwargs: Any) -> Any:
+        stopped_seen.append(docker_client.containers.get(first["container_id"]).status)
+        real_create(target, *args, **kwargs)
+        raise ConnectionError("ssh: connection to the host was lost")
+
+    def eof_while_waiting(container: Any, timeout: float, say: Any, interval: float = 1.0) -> Any:
+        if container.id == first["container_id"]:  # the rollback's wait on the previous container
+            return real_wait(container, timeout, say, interval)
+        stopped_seen.append(docker_client.containers.get(first["container_id"]).status)
+        raise EOFError("the ssh channel closed")
+
+    real_wait = deployer.wait_serving
+    if failure == "create_then_connection_drops":
+        monkeypatch.setattr(deployer, "_create", create_then_drop)
+    else:
+        monkeypatch.setattr(deployer, "wait_serving", eof_while_waiting)
+    opts = deployer.DeployOptions(host=parse_host("local"), image=IMAGES["serve"], bundle=serve_bundle,
+                                  name=deployment["name"], port=deployment["port"], metrics_port=deployment["metrics"],
+                                  bind="127.0.0.1", timeout=60, force=True, serve_args=["--threads=2"])
+    with pytest.raises(deployer.DeployError) as info:
+        deployer.deploy(opts)
+    message = str(info.value.message)
+    expected = ConnectionError if failure == "create_then_connection_drops" else EOFError
+    assert isinstance(info.value.__cause__, expected)  # the original error, chained
+    assert expected.__name__ in message and "rolled back" in message and "SERVING again" in message, message
+    assert stopped_seen == ["exited"]  # the failure came after the old container was stopped
+    c = docker_client.containers.get(deployment["name"])
+    assert c.id == first["container_id"] and c.status == "running"
+    names = {x.name for x in docker_client.containers.list(all=True, filters={"label": f"io.slmops.deploy.name={deployment['name']}"})}
+    assert names == {deployment["name"]}  # the half-made new container is gone
+    assert generate(deployment["port"]) == before
+
+
 def test_redeploy_keeps_previous_and_rollback_command(docker_client: Any, serve_bundle: Path,
                                                       deployment: dict[str, Any], tmp_path: Path) -> None:
     first = deploy(deployment, serve_bundle)

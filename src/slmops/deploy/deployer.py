@@ -5,7 +5,9 @@ as ``<name>-previous``, starts the new one and waits until it answers SERVING on
 ``grpc.health.v1.Health`` (the image's own probe, run inside the container, so no port needs to be
 reachable from here). When it does not (it exits, turns unhealthy or stays NOT_SERVING past
 ``--timeout``), it is removed and the previous container is renamed back and restarted: a failed
-deploy leaves the previous server running. Only one previous container is kept per name.
+deploy leaves the previous server running. Any other failure once the old container is being
+stopped (a dropped ssh connection, a Docker error, Ctrl-C) rolls back the same way and is reported
+as a DeployError that names the original error. Only one previous container is kept per name.
 """
 
 from __future__ import annotations
@@ -345,22 +347,41 @@ def _create(target: Any, opts: DeployOptions, image_ref: str, volume: str | None
     return target.containers.get(created["Id"])
 
 
-def _restore(target: Any, previous: Any | None, name: str, timeout: float, say: Callable[[str], None],
-             was_running: bool = True) -> str:
-    """Bring the previous container back as ``name``; returns a sentence for the error message."""
-    if previous is None:
-        return f"there was no previous container; nothing runs as '{name}' now"
-    try:
-        previous.reload()
-        if previous.name != name:
-            previous.rename(name)
-        if not was_running:
-            return f"the previous container '{name}' is back under its name (it was not running before, so it stays stopped)"
-        previous.start()
-    except Exception as exc:  # report, do not mask the original failure
-        return f"restarting the previous container '{name}' failed too: {exc}"
-    ok, why, seconds = wait_serving(previous, timeout, say)
-    image = previous.labels.get(LABEL_IMAGE, _image_name(previous))
+def _roll_back(target: Any, opts: DeployOptions, previous: Any | None, new: Any | None, say: Callable[[str], None],
+               was_running: bool) -> str:
+    """Remove the new container (also one created but never handed back, as after a dropped
+    connection) and bring the previous one back as ``opts.name``; returns a sentence for the error
+    message. When the engine does not answer, one fresh connection to the host is tried."""
+    docker = import_docker()
+    name = opts.name
+    problem = ""
+    for attempt in range(2):
+        try:
+            if attempt:
+                target = connect(opts.host)
+            try:
+                leftover = target.containers.get(new.id if new is not None else name)
+            except docker.errors.NotFound:
+                leftover = None
+            if leftover is not None and (previous is None or leftover.id != previous.id) \
+                    and leftover.labels.get(LABEL_DEPLOY) == "1":
+                leftover.remove(force=True)
+            if previous is None:
+                return f"there was no previous container; nothing runs as '{name}' now"
+            back = target.containers.get(previous.id)
+            if back.name != name:
+                back.rename(name)
+            if not was_running:
+                return f"the previous container '{name}' is back under its name (it was not running before, so it stays stopped)"
+            back.start()
+            break
+        except Exception as exc:  # noqa: BLE001 - reported in the deploy's error, never masks it
+            problem = problem or f"{type(exc).__name__}: {exc}"
+    else:
+        return (f"the rollback failed too ({problem}); once {opts.host} answers, run `slmops deploy rollback --name "
+                f"{name}` or `docker start` the container '{name}-previous'")
+    ok, why, seconds = wait_serving(back, opts.timeout, say)
+    image = back.labels.get(LABEL_IMAGE, _image_name(back))
     if ok:
         return f"rolled back: the previous container '{name}' ({image}) is SERVING again after {seconds:.1f}s"
     return f"rolled back to the previous container '{name}' ({image}), but it is not SERVING either: {why}"
@@ -428,31 +449,37 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
         older.remove(force=True)
     previous_desc = None
     was_running = previous is not None and previous.status in ("running", "restarting")
-    if previous is not None:
-        previous_desc = previous.labels.get(LABEL_IMAGE, _image_name(previous))
-        say(f"stopping '{opts.name}' ({previous_desc}); it stays as '{opts.name}-previous' for a rollback")
-        previous.stop(timeout=STOP_TIMEOUT)
-        previous.rename(f"{opts.name}-previous")
-
-    say(f"starting '{opts.name}' on {opts.host} (linux/{arch}): {image_ref}, bundle {bundle_label}, port {opts.port}")
     new = None
+    stopping = False
     try:
+        if previous is not None:
+            previous_desc = previous.labels.get(LABEL_IMAGE, _image_name(previous))
+            say(f"stopping '{opts.name}' ({previous_desc}); it stays as '{opts.name}-previous' for a rollback")
+            stopping = True
+            previous.stop(timeout=STOP_TIMEOUT)
+            previous.rename(f"{opts.name}-previous")
+        say(f"starting '{opts.name}' on {opts.host} (linux/{arch}): {image_ref}, bundle {bundle_label}, port {opts.port}")
         new = _create(target, opts, image_ref, volume, labels)
         new.start()
-    except docker.errors.APIError as exc:
-        if new is not None:
-            new.remove(force=True)
-        rolled = _restore(target, previous, opts.name, opts.timeout, say, was_running)
-        text = str(exc.explanation or exc)
-        if "port is already allocated" in text or "address already in use" in text:
+        ok, why, serving_after = wait_serving(new, opts.timeout, say)
+    except BaseException as exc:
+        # ANY failure once the old container is being stopped (a dropped ssh connection, a Docker
+        # error, Ctrl-C) brings it back, so a failed deploy never leaves nothing running
+        if not stopping and previous is not None:
+            raise
+        rolled = _roll_back(target, opts, previous, new, say, was_running)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: rolled back, then as asked
+        text = str(getattr(exc, "explanation", None) or exc) or type(exc).__name__
+        if isinstance(exc, docker.errors.APIError) and ("port is already allocated" in text or "address already in use" in text):
             raise SlmopsUsageError("--port", f"cannot publish port {opts.port}/{opts.metrics_port} on {opts.host} "
                                    f"({text}); choose another --port/--metrics-port. {rolled}") from exc
-        raise DeployError(f"starting the new container on {opts.host} failed ({text}); {rolled}") from exc
-    ok, why, serving_after = wait_serving(new, opts.timeout, say)
+        step = "starting the new container" if new is None or isinstance(exc, docker.errors.APIError) else \
+            "waiting for the new container"
+        raise DeployError(f"{step} on {opts.host} failed ({type(exc).__name__}: {text}); {rolled}") from exc
     if not ok:
         logs = _logs(new)
-        new.remove(force=True)
-        rolled = _restore(target, previous, opts.name, opts.timeout, say, was_running)
+        rolled = _roll_back(target, opts, previous, new, say, was_running)
         raise DeployError(f"the new container ({image_ref}, bundle {bundle_label}) did not become SERVING: {why}; it was "
                           f"removed and {rolled}.\n--- its last log lines ---\n{logs}")
     say(f"'{opts.name}' on {opts.host} is SERVING after {serving_after:.1f}s")
