@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_serve import REPO, ServerProcess, free_port, pct, versions  # noqa: E402
+from og_reference import OgReference  # noqa: E402
 from synthetic import synthetic_adapter  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -70,41 +71,6 @@ def run_sequential(client: Any, adapters: list[str], tokens: int) -> float:
     for adapter in adapters:
         timed_stream(client, adapter, tokens)
     return len(adapters) * tokens / (time.perf_counter() - started)
-
-
-class OgSingle:
-    """onnxruntime-genai in-process, one og.Generator per request (the server's engine before batching)."""
-
-    def __init__(self, model_dir: Path, threads: int, adapters: dict[str, Path]) -> None:
-        import onnxruntime_genai as og
-
-        self.og = og
-        config = og.Config(str(model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
-        self.adapters = og.Adapters(self.model)
-        for name, path in adapters.items():
-            self.adapters.load(str(path), name)
-
-    def decode_tps(self, adapter: str, tokens: int) -> float:
-        og = self.og
-        ids = self.tokenizer.encode(PROMPT)
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
-        generator = og.Generator(self.model, params)
-        if adapter:
-            generator.set_active_adapter(self.adapters, adapter)
-        generator.append_tokens(ids)
-        generator.generate_next_token()
-        first = time.perf_counter()
-        produced = 1
-        while not generator.is_done() and produced < tokens:
-            generator.generate_next_token()
-            produced += 1
-        seconds = time.perf_counter() - first
-        del generator
-        return (produced - 1) / seconds
 
 
 DEMO_PROMPTS = {  # the demo adapters' prompt templates (examples/train.yaml), user turn of the chat template
@@ -410,11 +376,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in mix:
                 if synthetic[name]:
                     client.load_adapter(name, path=files[name].name)
-            og_single = OgSingle(model_dir, threads, {n: files[n] for n in mix})
+            # onnxruntime-genai, one og.Generator per request: the independent peer (og_reference.py)
+            og_single = OgReference(model_dir, threads, {n: files[n] for n in mix})
             console.print("warm-up")
             for adapters in ([""], [one], mix, mix * 2):
                 run_streams(client, adapters, 16)
-            og_single.decode_tps(one, 16)
+            og_single.decode_tps(PROMPT, one, 16)
             mixes = {"none": lambda n: [""] * n, "one": lambda n: [one] * n, "mixed": lambda n: [mix[i % 4] for i in range(n)]}
             samples: dict[str, list[float]] = {}
             ttft: dict[str, list[float]] = {}
@@ -435,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                     served = timed_stream(client, adapter, args.tokens)
                     samples.setdefault(f"server_decode@{label}", []).append(
                         (args.tokens - 1) / (served["end"] - served["first"]))
-                    samples.setdefault(f"og_decode@{label}", []).append(og_single.decode_tps(adapter, args.tokens))
+                    samples.setdefault(f"og_decode@{label}", []).append(og_single.decode_tps(PROMPT, adapter, args.tokens))
             med = {k: statistics.median(v) for k, v in samples.items()}
             report["tok_s"] = {k: round(v, 2) for k, v in med.items()}
             report["tok_s_all"] = {k: [round(x, 2) for x in v] for k, v in samples.items()}

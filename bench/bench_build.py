@@ -3,7 +3,8 @@
 For each precision: export time, bundle size relative to fp32, base perplexity vs PyTorch fp32.
 For the cpu target's precision (int4 by default): decode tokens/s of the LoRA-input graph without
 an adapter and with each adapter, vs a plain graph without LoRA inputs (medians of interleaved
-runs, pinned thread count). Prints ratios and writes JSON.
+runs, pinned thread count), decoded by the server's runner (slmops.runtime). Prints ratios and
+writes JSON.
 
     .venv/bin/python bench/bench_build.py --adapter tone=runs/tone --adapter extract=runs/extract
     .venv/bin/python bench/bench_build.py --precisions int4 --repeats 5 --out bench/results/build.json
@@ -58,23 +59,14 @@ def perplexities(model_dir: Path, hf_dir: str, texts: list[tuple[str, bool]], th
     return _ppl(onnx_nll), float(torch_cache["ppl"])
 
 
-def decode_speed(model: Any, adapters: Any, ids: list[int], new_tokens: int, adapter: str | None) -> tuple[float, float]:
-    """(decode tok/s, prefill ms) of one greedy generation of exactly ``new_tokens`` tokens."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    if adapter:
-        gen.set_active_adapter(adapters, adapter)
+def decode_speed(model: Any, ids: list[int], new_tokens: int, adapter: str | None) -> tuple[float, float]:
+    """(decode tok/s, prefill ms) of one greedy generation of exactly ``new_tokens`` tokens with the
+    server's decode loop (``model``: a slmops.runtime.LocalModel)."""
     t0 = time.perf_counter()
-    gen.append_tokens(ids)
-    gen.generate_next_token()
+    tokens = model.stream(ids, new_tokens, adapter=adapter, stop_at_eos=False)
+    next(tokens)
     t1 = time.perf_counter()
-    n = 1
-    while not gen.is_done():
-        gen.generate_next_token()
-        n += 1
+    n = 1 + sum(1 for _ in tokens)
     t2 = time.perf_counter()
     return (n - 1) / (t2 - t1), (t1 - t0) * 1000
 
@@ -119,6 +111,7 @@ def main() -> None:
     torch_cache: dict[str, Any] = {}
     try:
         exported: dict[str, Path] = {}
+        templates: dict[str, Any] = {}
         for precision in [p for p in args.precisions.split(",") if p]:
             target = replace(get_target("cpu", precision=precision), session_options=threads)
             out = root / f"lora-{precision}"
@@ -135,14 +128,16 @@ def main() -> None:
                 "ppl": round(ppl, 4), "ppl_pytorch_fp32": round(ppl_fp32, 4), "ppl_increase_pct": round((ppl / ppl_fp32 - 1) * 100, 2),
             }
             exported[precision] = out
+            templates[precision] = template
             print(f"{precision}: export {export_s:.1f}s, bundle {dir_size(out) / 1e6:.1f} MB, ppl {ppl:.3f} (fp32 PyTorch {ppl_fp32:.3f})")
         fp32 = results["precisions"].get("fp32")
         for stats in results["precisions"].values():
             if fp32:
                 stats["size_vs_fp32"] = round(stats["bundle_bytes"] / fp32["bundle_bytes"], 3)
 
-        # Decode speed: plain graph vs LoRA-input graph (no adapter, each adapter), interleaved.
-        import onnxruntime_genai as og
+        # Decode speed: plain graph vs LoRA-input graph (no adapter, each adapter), interleaved,
+        # with the server's runner (one row).
+        from slmops.runtime import LocalModel
 
         sp = args.speed_precision
         if sp not in exported:
@@ -154,23 +149,22 @@ def main() -> None:
         export_base_model(hf_dir, plain_dir, target, None, extra, with_lora=False)
         results["speed"]["plain_export_s"] = round(time.time() - t0, 1)
         results["speed"]["plain_model_bytes"] = dir_size(plain_dir)
-        plain = og.Model(str(plain_dir))
-        lora = og.Model(str(exported[sp] / "model"))
-        og_adapters = og.Adapters(lora)
+        plain = LocalModel(plain_dir, None, threads=args.threads)
+        lora = LocalModel(exported[sp] / "model", templates[sp], threads=args.threads)
         for name in adapters:
-            og_adapters.load(str(exported[sp] / "adapters" / f"{name}.onnx_adapter"), name)
+            lora.load_adapter(name, exported[sp] / "adapters" / f"{name}.onnx_adapter")
         chat = bool(getattr(tokenizer, "chat_template", None))
         text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                              tokenize=False) if chat else PROMPT
         ids = list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
-        variants: dict[str, tuple[Any, str | None]] = {"plain": (plain, None), "lora_graph_no_adapter": (lora, None)}
+        variants: dict[str, tuple[LocalModel, str | None]] = {"plain": (plain, None), "lora_graph_no_adapter": (lora, None)}
         variants.update({f"lora_graph+{n}": (lora, n) for n in adapters})
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         for model, active in variants.values():  # warm-up
-            decode_speed(model, og_adapters, ids, 8, active)
+            decode_speed(model, ids, 8, active)
         for _ in range(args.repeats):
             for key, (model, active) in variants.items():
-                runs[key].append(decode_speed(model, og_adapters, ids, args.new_tokens, active))
+                runs[key].append(decode_speed(model, ids, args.new_tokens, active))
         base_tps = statistics.median(r[0] for r in runs["plain"])
         results["speed"].update(precision=sp, prompt_tokens=len(ids), new_tokens=args.new_tokens, repeats=args.repeats)
         for key, values in runs.items():

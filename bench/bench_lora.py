@@ -42,14 +42,6 @@ PROMPT = "Write a short story about a robot who learns to paint, in five sentenc
 GOALS = {"adapter_vs_plain": 0.90, "no_adapter_vs_plain": 0.97, "grpc_within": 0.05, "accuracy_points": 1.0, "ppl_pct": 5.0}
 
 
-def og_model(model_dir: Path, threads: int) -> Any:
-    import onnxruntime_genai as og
-
-    config = og.Config(str(model_dir))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    return og.Model(config)
-
-
 def stream_run(client: Any, prompt_messages: list[dict[str, str]], adapter: str, new_tokens: int) -> float:
     """Decode tok/s of one GenerateStream seen by the client (first chunk to last)."""
     first = last = None
@@ -82,39 +74,40 @@ def export_baselines(hf_dir: str, work: Path, manifest: Any) -> dict[str, Path]:
 
 def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: list[int], messages: list[dict[str, str]],
                 args: argparse.Namespace, peers: dict[str, list[Callable[[int], float]]] | None = None) -> dict[str, Any]:
-    """Interleaved decode speed of every case; ``peers``: case -> one runner per loaded instance
-    (``runner(new_tokens) -> tok/s``), warmed up and interleaved with the rest."""
-    import onnxruntime_genai as og
+    """Interleaved decode speed of every case (decoded by the server's runner, slmops.runtime);
+    ``peers``: case -> one runner per loaded instance (``runner(new_tokens) -> tok/s``), warmed up
+    and interleaved with the rest."""
     from slmops_serve.client import SlmopsClient
+
+    from slmops.runtime import LocalModel
 
     names = list(manifest.adapters)
     # Every graph is loaded --instances times and each instance runs every repeat: on this kind of
     # machine one instance of the SAME graph can run a few % faster than another (where its weights
     # landed in memory), which would otherwise bias a ratio.
-    cases: dict[str, list[tuple[Any, Any, str | None]]] = {}
+    cases: dict[str, list[tuple[Any, str | None]]] = {}
     for _ in range(args.instances):
         for key, path in baselines.items():
-            cases.setdefault(key, []).append((og_model(path, args.threads), None, None))
-        lora = og_model(bundle / manifest.model_dir, args.threads)
-        og_adapters = og.Adapters(lora)
+            cases.setdefault(key, []).append((LocalModel(path, None, threads=args.threads), None))
+        lora = LocalModel(bundle / manifest.model_dir, manifest.lora_template, threads=args.threads)
         for name, info in manifest.adapters.items():
-            og_adapters.load(str(bundle / info.file), name)
-        cases.setdefault("bundle", []).append((lora, og_adapters, None))
+            lora.load_adapter(name, bundle / info.file)
+        cases.setdefault("bundle", []).append((lora, None))
         for n in names:
-            cases.setdefault(f"bundle+{n}", []).append((lora, og_adapters, n))
+            cases.setdefault(f"bundle+{n}", []).append((lora, n))
     peers = peers or {}
     runs: dict[str, list[float]] = {key: [] for key in [*cases, *peers]}
     prefill: dict[str, list[float]] = {key: [] for key in cases}
     server = client = None
     if not args.no_grpc:
-        server = ServerProcess(bundle, bundle / "adapters", args.threads, 1, Path(args.work) / "server.log")
+        server = ServerProcess(bundle, bundle / "adapters", args.threads, Path(args.work) / "server.log")
         client = SlmopsClient(f"127.0.0.1:{server.port}", timeout=600)
         server.wait_ready(client)
         runs.update({"grpc": [], **{f"grpc+{n}": [] for n in names}})
     try:
         for instances in cases.values():  # warm-up
-            for model, handle, adapter in instances:
-                decode_run(model, handle, ids, 8, adapter)
+            for model, adapter in instances:
+                decode_run(model, ids, 8, adapter)
         for runners in peers.values():
             for runner in runners:
                 runner(8)
@@ -130,8 +123,8 @@ def bench_speed(bundle: Path, manifest: Any, baselines: dict[str, Path], ids: li
                     adapter = key.partition("+")[2]
                     runs[key].append(stream_run(client, messages, adapter, args.new_tokens))
                 else:
-                    for model, handle, active in cases[key]:
-                        tps, ms = decode_run(model, handle, ids, args.new_tokens, active)
+                    for model, active in cases[key]:
+                        tps, ms = decode_run(model, ids, args.new_tokens, active)
                         runs[key].append(tps)
                         prefill[key].append(ms)
             print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)

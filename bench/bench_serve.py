@@ -4,7 +4,8 @@
 
 Runs `slmops serve` as a subprocess (as an edge device would) and measures, with the same
 thread count everywhere:
-  1. GenerateStream tok/s vs the same bundle driven in-process with onnxruntime-genai (goal >= 0.95)
+  1. GenerateStream tok/s vs the same bundle decoded in-process by the server's own loop
+     (slmops.runtime.LocalModel: what gRPC + scheduling cost; goal >= 0.95)
   2. vs transformers + PEFT ``generate`` on CPU with the adapter's source run (goal >= 4x; imports
      torch - bench only, never the server; skip with --skip-hf)
   3. alternating adapters per request vs one adapter (goal >= 0.95), and LoadAdapter p50/p99
@@ -63,7 +64,8 @@ def versions(packages: tuple[str, ...] = SERVE_PACKAGES) -> dict[str, str]:
 def prepare_adapters(bundle: Path, manifest: Any, workdir: Path, want: int = 4) -> dict[str, dict[str, Any]]:
     """name -> {file, synthetic}: the bundle's adapters, plus perturbed copies up to ``want``."""
     import numpy as np
-    import onnxruntime as ort
+
+    from slmops.contract import read_adapter_tensors, write_adapter_tensors
 
     adapters: dict[str, dict[str, Any]] = {}
     for name, info in manifest.adapters.items():
@@ -73,20 +75,14 @@ def prepare_adapters(bundle: Path, manifest: Any, workdir: Path, want: int = 4) 
     if not adapters:
         raise SystemExit(f"{bundle} has no adapters; build it with at least one --adapter")
     first_name, first = next(iter(adapters.items()))
-    fmt = ort.AdapterFormat.read_adapter(str(first["file"]))
-    arrays = {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
-    del fmt
+    arrays = read_adapter_tensors(first["file"])
     rng = np.random.default_rng(0)
     i = 0
     while len(adapters) < want + 1:  # + the first one's twin (same shapes) for the alternating ratio
         i += 1
         name = f"{first_name}-twin" if i == 1 else f"{first_name}-synthetic{i - 1}"
         perturbed = {k: (v * (1 + 0.05 * rng.standard_normal(v.shape))).astype(v.dtype) for k, v in arrays.items()}
-        out = ort.AdapterFormat()
-        out.set_adapter_version(1)
-        out.set_model_version(1)
-        out.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in perturbed.items()})
-        out.export_adapter(str(workdir / f"{name}.onnx_adapter"))
+        write_adapter_tensors(perturbed, workdir / f"{name}.onnx_adapter")
         adapters[name] = {"file": workdir / f"{name}.onnx_adapter", "synthetic": True}
     return adapters
 
@@ -128,54 +124,36 @@ class ServerProcess:
 
 
 class InProcess:
-    """The same bundle driven directly with onnxruntime-genai, as an app embedding it would."""
+    """The same bundle decoded in this process by the server's own loop (slmops.runtime.LocalModel):
+    the server's cost over it is gRPC, the scheduler and streaming. (onnxruntime-genai as an
+    independent peer: bench_batching.py.)"""
 
     def __init__(self, model_dir: Path, threads: int | None, adapter_files: dict[str, Path]) -> None:
-        import onnxruntime_genai as og
+        from slmops.bundle import read_manifest
+        from slmops.runtime import LocalModel
 
-        self.og = og
-        config = og.Config(str(model_dir))
-        if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
-        self.adapters = og.Adapters(self.model)
+        manifest = read_manifest(model_dir.parent)
+        self.model = LocalModel(model_dir, manifest.lora_template, threads=threads,
+                                execution_provider=manifest.target.execution_provider)
         for name, path in adapter_files.items():
-            self.adapters.load(str(path), name)
-        template = model_dir / "chat_template.jinja"
-        self.template = template.read_text() if template.is_file() else None
-
-    def render(self, prompt: str) -> str:
-        rendered: str = self.tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
-                                                          template_str=self.template, add_generation_prompt=True)
-        return rendered
+            self.model.load_adapter(name, path)
 
     def generate(self, prompt: str, adapter: str, max_new_tokens: int) -> dict[str, float]:
-        og = self.og
         started = time.perf_counter()
-        ids = self.tokenizer.encode(self.render(prompt))
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens)
-        generator = og.Generator(self.model, params)
-        if adapter:
-            generator.set_active_adapter(self.adapters, adapter)
-        generator.append_tokens(ids)
-        stream = self.tokenizer.create_stream()
-        eos = set(self.tokenizer.eos_token_ids)
+        codec = self.model.codec
+        ids = self.model.prompt_ids(prompt, chat=True)
+        stream = codec.stream()
         tokens, first, text = 0, 0.0, ""
-        while not generator.is_done() and tokens < max_new_tokens:
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
+        for token in self.model.stream(ids, max_new_tokens, adapter=adapter or None):
             tokens += 1
             if tokens == 1:
                 first = time.perf_counter()
-            if token in eos:
-                break
             text += stream.decode(token)
+        if tokens < max_new_tokens:
+            tokens += 1  # the step that produced the EOS (the server counts it too)
         ended = time.perf_counter()
-        del generator
         return {"tokens": tokens, "seconds": ended - started, "tok_s": tokens / (ended - started),
-                "ttft_ms": (first - started) * 1000, "text": text}  # type: ignore[dict-item]
+                "ttft_ms": ((first or ended) - started) * 1000, "text": text}  # type: ignore[dict-item]
 
 
 def stream_once(client: Any, prompt: str, adapter: str, max_new_tokens: int, forced: bool = False) -> dict[str, Any]:

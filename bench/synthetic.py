@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slmops.contract import numpy_dtype, write_adapter_tensors
+
+write_adapter = write_adapter_tensors  # the one .onnx_adapter writer, under the name tests import
+
 
 def synthetic_adapter(template: Any, modules: list[str], rank: int, path: Path, seed: int = 0, scale: float = 0.02) -> Path:
     """Write an adapter with LoRA rank ``rank`` on ``modules`` (PEFT names, e.g. ["o_proj", "down_proj"])
@@ -17,7 +21,7 @@ def synthetic_adapter(template: Any, modules: list[str], rank: int, path: Path, 
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    dtype = np.float16 if template.dtype == "float16" else np.float32
+    dtype = numpy_dtype(template.dtype)
     shapes = {i.name: i.shape for i in template.inputs}
     arrays: dict[str, Any] = {}
     for name, shape in shapes.items():
@@ -39,15 +43,3 @@ def synthetic_adapter(template: Any, modules: list[str], rank: int, path: Path, 
     if not arrays:
         raise ValueError(f"the bundle has no LoRA inputs for {modules}")
     return write_adapter(arrays, path)
-
-
-def write_adapter(arrays: dict[str, Any], path: Path) -> Path:
-    """``{input name: array}`` as an .onnx_adapter file at ``path``."""
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    fmt.export_adapter(str(path))
-    return path

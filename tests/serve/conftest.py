@@ -13,18 +13,12 @@ from typing import Any
 
 import pytest
 
-from bench.synthetic import write_adapter
+from bench.og_reference import OgReference
+from slmops.contract import read_adapter_tensors, write_adapter_tensors
 
 ADMIN_TOKEN = "test-admin-token"
 MAX_UPLOAD = 200_000  # bytes; the extract adapter (~70 kB) fits, a 300 kB upload does not
 PROMPT = "Tone of: I lost my keys again\n"
-
-
-def read_adapter(path: Path) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat.read_adapter(str(path))
-    return {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +29,7 @@ def adapter_files(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("adapter-dir")
     tone = shutil.copy(tiny_bundle / "adapters" / "tone.onnx_adapter", root / "tone.onnx_adapter")
     extract = shutil.copy(tiny_bundle / "adapters" / "extract.onnx_adapter", root / "extract.onnx_adapter")
-    arrays = read_adapter(Path(tone))
+    arrays = read_adapter_tensors(Path(tone))
     files = {"tone": Path(tone), "extract": Path(extract)}
     files["garbage"] = root / "garbage.onnx_adapter"
     files["garbage"].write_bytes(b"this is not an adapter" * 10)
@@ -43,11 +37,11 @@ def adapter_files(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     files["truncated"] = root / "truncated.onnx_adapter"
     files["truncated"].write_bytes(data[: len(data) // 2])
     renamed = {k.replace("layers.0.", "layers.7."): v for k, v in arrays.items()}
-    files["wrong_names"] = write_adapter(renamed, root / "wrong_names.onnx_adapter")
+    files["wrong_names"] = write_adapter_tensors(renamed, root / "wrong_names.onnx_adapter")
     reshaped = {k: (np.zeros((v.shape[0] + 3, v.shape[1]), v.dtype) if ".lora_A." in k else v) for k, v in arrays.items()}
-    files["wrong_shape"] = write_adapter(reshaped, root / "wrong_shape.onnx_adapter")
-    files["wrong_dtype"] = write_adapter({k: v.astype("float16") for k, v in arrays.items()}, root / "wrong_dtype.onnx_adapter")
-    files["half_pair"] = write_adapter({k: v for k, v in arrays.items() if ".lora_B." not in k}, root / "half_pair.onnx_adapter")
+    files["wrong_shape"] = write_adapter_tensors(reshaped, root / "wrong_shape.onnx_adapter")
+    files["wrong_dtype"] = write_adapter_tensors({k: v.astype("float16") for k, v in arrays.items()}, root / "wrong_dtype.onnx_adapter")
+    files["half_pair"] = write_adapter_tensors({k: v for k, v in arrays.items() if ".lora_B." not in k}, root / "half_pair.onnx_adapter")
     files["not_adapter_suffix"] = root / "tone.bin"
     files["not_adapter_suffix"].write_bytes(data)
     return files
@@ -138,51 +132,12 @@ def gate(server: Any) -> Iterator[Callable[..., Gate]]:
         g.__exit__()
 
 
-class Reference:
-    """Direct onnxruntime-genai generation (no server): what every served answer must equal."""
+class Reference(OgReference):
+    """onnxruntime-genai driving the bundle directly (no server, one thread): the independent oracle
+    every served greedy answer must equal (bench/og_reference.py says why it is og)."""
 
     def __init__(self, bundle: Path) -> None:
-        import json
-
-        import onnxruntime_genai as og
-
-        self.og = og
-        config = og.Config(str(bundle / "model"))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}))
-        self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
-        self.adapters = og.Adapters(self.model)
-        self._loaded: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def generate(self, prompt: str, adapter_file: Path | None = None, max_new_tokens: int = 16,
-                 **search: Any) -> tuple[str, int]:
-        """Greedy (or ``search`` options) text and token count, decoded the way a client sees it."""
-        og = self.og
-        with self._lock:
-            ids = self.tokenizer.encode(prompt)
-            params = og.GeneratorParams(self.model)
-            params.set_search_options(max_length=len(ids) + max_new_tokens, **search)
-            generator = og.Generator(self.model, params)
-            if adapter_file is not None:
-                key = str(adapter_file)
-                if key not in self._loaded:
-                    self._loaded[key] = f"a{len(self._loaded)}"
-                    self.adapters.load(key, self._loaded[key])
-                generator.set_active_adapter(self.adapters, self._loaded[key])
-            generator.append_tokens(ids)
-            stream = self.tokenizer.create_stream()
-            eos = set(self.tokenizer.eos_token_ids)
-            text, count = "", 0
-            while not generator.is_done() and count < max_new_tokens:
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                count += 1
-                if token in eos:
-                    break
-                text += stream.decode(token)
-            del generator
-            return text, count
+        super().__init__(bundle / "model", threads=1)
 
 
 @pytest.fixture(scope="session")
