@@ -25,7 +25,7 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 # What the server imports: byte-compiled at build time (the deps in their own layer).
 # (?name: only when the serve extra installs it)
 ARG DEPS_MODULES="numpy onnxruntime ?onnxruntime_genai ?tokenizers ?jinja2 grpc grpc_health.v1.health grpc_reflection.v1alpha.reflection prometheus_client pydantic yaml click rich.console"
-ARG APP_MODULES="slmops.cli slmops.platforms slmops_serve.cli slmops_serve.server slmops_serve.engine slmops_serve.registry slmops_serve.servicer slmops_serve.client ?slmops_serve.runner !torch !transformers !peft"
+ARG APP_MODULES="slmops.cli slmops.platforms slmops_serve.cli slmops_serve.server slmops_serve.engine slmops_serve.registry slmops_serve.servicer slmops_serve.client slmops.contract slmops.runtime.runner slmops.runtime.text !torch !transformers !peft"
 
 FROM ${BASE_IMAGE} AS builder
 ARG TARGETARCH
