@@ -51,6 +51,7 @@ def test_a_corrupted_cached_model_is_converted_again(default_model_dir, tmp_path
     assert check_prepared_model(copy)[1] is not None
     assert prepare_default_model(copy) == copy  # detected (not trusted from the marker) and converted again
     assert check_prepared_model(copy) == (marker["weights_sha256"], None)
+    shutil.rmtree(copy)  # half a GB: not left to pytest's kept temp folders
 
 
 def test_a_few_steps_on_the_default_model(default_model_dir, tmp_path) -> None:
