@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from slmops.bundle import BundleError, BundleManifest, read_manifest, verify_files
-from slmops.contract import GenaiConfig, read_adapter_tensors
+from slmops.contract import GenaiConfig
 from slmops.runtime.runner import ModelRunner
 from slmops.runtime.text import Sampler, TemplateError, TextCodec, TokenStream
 from slmops_serve.config import ServeConfig
@@ -201,16 +201,18 @@ def session_threads(model_dir: Path, override: int | None) -> int | None:
 
 
 class AdapterStore:
-    """Loaded adapter tensors by internal name (the registry's backend: ``load(path, name)``,
-    ``unload(name)``). The engine's LoRA bank concatenates them per step."""
+    """Loaded adapter tensors by internal name (the registry's backend: ``add(name, tensors)``,
+    ``unload(name)``). The engine's LoRA bank concatenates them per step. Its lock guards only the
+    dict: the registry reads and checks a file before ``add``, so the scheduler, which takes this
+    lock to start a row, never waits for a load."""
 
     def __init__(self, on_unload: Callable[[str], None] | None = None) -> None:
         self._tensors: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._on_unload = on_unload
 
-    def load(self, path: str, name: str) -> None:
-        tensors = read_adapter_tensors(path)
+    def add(self, name: str, tensors: dict[str, np.ndarray]) -> None:
+        """Hold ``tensors`` (already read and checked) as adapter version ``name``."""
         with self._lock:
             if name in self._tensors:
                 raise RuntimeError(f"adapter '{name}' is already loaded")
@@ -226,6 +228,11 @@ class AdapterStore:
     def tensors(self, name: str) -> dict[str, np.ndarray]:
         with self._lock:
             return self._tensors[name]
+
+    def names(self) -> list[str]:
+        """Internal names of the versions held (loaded, or retired and not yet freed)."""
+        with self._lock:
+            return sorted(self._tensors)
 
 
 def allowed_only(logits: np.ndarray, matcher: Any, eos_ids: set[int]) -> np.ndarray:
@@ -429,7 +436,8 @@ class Engine:
         self.grammars = Grammars(model_dir / "tokenizer.json", self.runner.info.vocab_size, self.eos_ids)
         self.store = AdapterStore(on_unload=self._forget)
         self.registry = AdapterRegistry(self.store, manifest.lora_template, self.config.adapter_path,
-                                        self.config.max_upload_bytes, on_change=self._adapters_changed)
+                                        self.config.max_upload_bytes, on_change=self._adapters_changed,
+                                        on_unload_failed=self._adapter_unload_failed)
         for name, info in sorted(manifest.adapters.items()):
             self.registry.load(name, path=self.bundle_dir / info.file, sha256=info.sha256, source="bundle", trusted_path=True)
         cores = os.cpu_count() or 1
@@ -823,3 +831,7 @@ class Engine:
             self.metrics.adapter_info.clear()
             for entry, _ in entries:
                 self.metrics.adapter_info.labels(entry.name, entry.sha256).set(1)
+            self.metrics.adapter_unloads_pending.set(len(self.registry.pending_unloads()))
+
+    def _adapter_unload_failed(self, name: str) -> None:
+        self.metrics.adapter_unload_failures.labels(name).inc()

@@ -39,5 +39,11 @@ class ServeMetrics:
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_load_failures = Counter("slmops_adapter_load_failures", "Refused adapter loads by status code",
                                              ["code"], registry=r)
+        self.adapter_unload_failures = Counter("slmops_adapter_unload_failures", "Failed attempts to free an "
+                                               "unloaded or replaced adapter version (each is retried)",
+                                               ["adapter"], registry=r)
+        self.adapter_unloads_pending = Gauge("slmops_adapter_unloads_pending", "Unloaded or replaced adapter versions "
+                                             "still in memory because freeing them failed (retrying or given up)",
+                                             registry=r)
         self.ready = Gauge("slmops_model_ready", "1 once the model is loaded and warm, 0 while loading or draining",
                            registry=r)

@@ -1,12 +1,16 @@
 """Loaded adapters: public names, atomic replacement, refcounts of in-flight requests, drained unloads.
 
-onnxruntime-genai's ``og.Adapters`` refuses to load a name twice and to unload an adapter a
-generator still holds. So each loaded file gets a fresh INTERNAL name (``tone@1a2b3c4d.7``); the
-public name maps to the current internal one. Replacing ``tone`` loads the new file under a new
-internal name, then swaps the mapping under the lock: requests already admitted keep (and
-refcount) the old entry and finish on the old weights; the old entry is unloaded from og when its
+Each loaded version gets a fresh INTERNAL name (``tone@1a2b3c4d.7``) in the engine's adapter store;
+the public name maps to the current internal one. Replacing ``tone`` adds the new tensors under a
+new internal name, then swaps the mapping under the lock: requests already admitted keep (and
+refcount) the old entry and finish on the old weights; the old version leaves the store when its
 refcount reaches zero. Every check (path, size, checksum, ABI, dtype) runs before anything
 changes, so a failed load leaves the loaded set as it was.
+
+A load reads, hashes, parses and checks the bytes with no lock held that the scheduler takes (the
+parse releases the GIL a tensor at a time, see :mod:`slmops.adapter_format`); only the swap and the
+store's dict insert are locked. A version whose removal from the store fails is retried with
+backoff (``UNLOAD_RETRY_DELAYS_S``) and counted in the metrics until it succeeds.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ import dataclasses
 import hashlib
 import logging
 import re
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -40,6 +42,8 @@ from slmops_serve.errors import (
 log = logging.getLogger("slmops.serve")
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Waits before each retry of a failed unload (then it is given up: logged, and counted as pending).
+UNLOAD_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass
@@ -63,8 +67,8 @@ class LoadedAdapter:
     source: str
     loaded_at: float = field(default_factory=time.time)
     refcount: int = 0
-    retired: bool = False  # replaced or unloaded: og unload happens when refcount reaches 0
-    owned_path: Path | None = None  # an uploaded copy the server deletes after unloading
+    retired: bool = False  # replaced or unloaded: it leaves the store when refcount reaches 0
+    unload_failures: int = 0  # failed attempts to remove it from the store
 
     @property
     def sha256(self) -> str:
@@ -90,60 +94,70 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "path", display: str | None = None) -> AdapterFile:
-    """Read ``path`` and check it against the bundle's adapter ABI (slmops.contract: names, shapes,
-    dtype, A/B ranks). Messages name the file ``display`` (the user's name for it; default ``path.name``).
+def check_adapter_bytes(data: bytes, template: LoraTemplate, field_name: str, display: str,
+                        sha: str | None = None) -> tuple[AdapterFile, dict[str, Any]]:
+    """Parse ``data`` (an .onnx_adapter file's bytes) and check it against the bundle's adapter ABI
+    (slmops.contract: names, shapes, dtype, A/B ranks). Returns the file's description and the
+    tensors read from exactly these bytes. Messages name the file ``display``.
 
     Raises:
-        ServeError: INVALID_ARGUMENT for a file that is not an .onnx_adapter, FAILED_PRECONDITION for
-            one that does not match this bundle's lora_template.
+        ServeError: INVALID_ARGUMENT for bytes that are not an .onnx_adapter, FAILED_PRECONDITION for
+            a file that does not match this bundle's lora_template.
     """
-    shown = display or path.name
     if not template.inputs:
         raise ServeError(FAILED_PRECONDITION, field_name, MERGED_BUNDLE_PROBLEM)
-    data = path.read_bytes()
-    sha = sha256_bytes(data)
-    check = contract.check_adapter_file(path, template)
+    check = contract.check_adapter_bytes(data, template)
     if not check.readable:
-        raise ServeError(INVALID_ARGUMENT, field_name, f"'{shown}' is {check.summary()}")
+        raise ServeError(INVALID_ARGUMENT, field_name, f"'{display}' is {check.summary()}")
     if check.problems:
-        raise ServeError(FAILED_PRECONDITION, field_name, f"'{shown}': {check.summary()}")
-    return AdapterFile(path=path, sha256=sha, size=len(data), rank=check.rank, modules=check.modules)
+        raise ServeError(FAILED_PRECONDITION, field_name, f"'{display}': {check.summary()}")
+    described = AdapterFile(path=Path(display), sha256=sha or sha256_bytes(data), size=len(data), rank=check.rank,
+                            modules=check.modules)
+    return described, check.tensors
+
+
+def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "path", display: str | None = None) -> AdapterFile:
+    """:func:`check_adapter_bytes` of the file at ``path`` (``display`` defaults to its name)."""
+    described, _ = check_adapter_bytes(Path(path).read_bytes(), template, field_name, display or Path(path).name)
+    return dataclasses.replace(described, path=Path(path))
 
 
 class AdapterRegistry:
-    """The adapters one og.Model serves. Thread-safe.
+    """The adapters one engine serves. Thread-safe.
 
     Args:
-        og_adapters: an ``og.Adapters`` of the served model (anything with ``load(path, name)`` and ``unload(name)``).
+        store: the engine's adapter store (anything with ``add(name, tensors)`` and ``unload(name)``).
         template (LoraTemplate): the bundle's adapter ABI every file is checked against.
         adapter_dir (Path): the only folder ``load(path=...)`` may read from.
         max_upload_bytes (int): largest ``load(data=...)``.
         on_change: called (no args) after the loaded set changed, e.g. to update metrics.
+        on_unload_failed: called with the adapter name after each failed removal from the store.
     """
 
-    def __init__(self, og_adapters: Any, template: LoraTemplate, adapter_dir: Path, max_upload_bytes: int,
-                 upload_dir: Path | None = None, on_change: Callable[[], None] | None = None) -> None:
-        self._og = og_adapters
+    def __init__(self, store: Any, template: LoraTemplate, adapter_dir: Path, max_upload_bytes: int,
+                 on_change: Callable[[], None] | None = None,
+                 on_unload_failed: Callable[[str], None] | None = None) -> None:
+        self._store = store
         self.template = template
         self.adapter_dir = Path(adapter_dir)
         self.max_upload_bytes = max_upload_bytes
-        self._upload_dir = upload_dir
         self._on_change = on_change
+        self._on_unload_failed = on_unload_failed
         self._lock = threading.Condition()
-        # Serializes og.Adapters calls and generator adapter activation/release: older onnxruntime-genai
-        # releases have no lock inside og.Adapters.
-        self.og_lock = threading.Lock()
-        self._load_lock = threading.Lock()  # one load/unload at a time: a replace is check + load + swap
+        # One swap at a time: "is it unchanged? add, swap" of a load and the pop of an unload. Held
+        # only for dict work, never while a file is read or checked; the scheduler never takes it.
+        self._swap_lock = threading.Lock()
         self._current: dict[str, LoadedAdapter] = {}
         self._retired: list[LoadedAdapter] = []
+        self._pending: list[LoadedAdapter] = []  # removal from the store failed; retried by a timer
+        self._timers: set[threading.Timer] = set()
+        self._closed = False
         self._seq = 0
         self._requests: Counter[str] = Counter()
 
     @property
-    def og_adapters(self) -> Any:
-        """The og.Adapters; activate one on a generator only while holding ``og_lock``."""
-        return self._og
+    def store(self) -> Any:
+        return self._store
 
     # ---- requests -----------------------------------------------------------------------------
     def acquire(self, name: str) -> LoadedAdapter:
@@ -186,7 +200,9 @@ class AdapterRegistry:
              source: str = "path", trusted_path: bool = False) -> LoadResult:
         """Load (or atomically replace) ``name`` from a file in the adapter dir or uploaded bytes.
 
-        ``trusted_path``: the server's own files (the bundle's adapters), not checked against the adapter dir.
+        The bytes are read once, hashed, parsed and checked, and those tensors are what the engine
+        uses (nothing reads the file again). ``trusted_path``: the server's own files (the bundle's
+        adapters), not checked against the adapter dir.
         """
         check_name(name)
         sha256 = (sha256 or "").strip().lower()
@@ -195,58 +211,43 @@ class AdapterRegistry:
         if (path is None) == (data is None):
             raise ServeError(INVALID_ARGUMENT, "path", "set exactly one of path (a file in the adapter directory) or data (bytes)")
         started = time.perf_counter()
-        with self._load_lock:
-            owned: Path
-            if data is not None:
-                field_name = "data"
-                if len(data) > self.max_upload_bytes:
-                    raise ServeError(INVALID_ARGUMENT, "data", f"{len(data)} bytes is larger than the server's limit "
-                                     f"--max-upload-bytes {self.max_upload_bytes}")
-                if not data:
-                    raise ServeError(INVALID_ARGUMENT, "data", "is empty")
-                got = sha256_bytes(data)
-                if sha256 and got != sha256:
-                    raise ServeError(FAILED_PRECONDITION, "sha256", f"checksum mismatch: the uploaded data has sha256 {got}, "
-                                     f"not {sha256}; the upload is corrupt or the wrong file")
-                owned = self._write_private(name, data)
-                file_path = owned
-            else:
-                field_name = "path"
-                source_path = Path(path) if trusted_path else self.resolve_path(str(path))  # type: ignore[arg-type]
-                try:
-                    data = source_path.read_bytes()
-                except OSError as exc:
-                    raise ServeError(NOT_FOUND if isinstance(exc, FileNotFoundError) else FAILED_PRECONDITION, "path",
-                                     f"cannot read '{path}': {exc.strerror or exc}") from exc
-                # check and load the SAME bytes: a private copy, so a file replaced after the
-                # check cannot be what onnxruntime reads
-                owned = self._write_private(name, data)
-                file_path = owned
-            display = f"upload for '{name}'" if field_name == "data" else Path(str(path)).name
+        if data is not None:
+            field_name, display = "data", f"upload for '{name}'"
+            if len(data) > self.max_upload_bytes:
+                raise ServeError(INVALID_ARGUMENT, "data", f"{len(data)} bytes is larger than the server's limit "
+                                 f"--max-upload-bytes {self.max_upload_bytes}")
+            if not data:
+                raise ServeError(INVALID_ARGUMENT, "data", "is empty")
+            shown_path = Path(display)
+        else:
+            field_name, display = "path", Path(str(path)).name
+            source_path = Path(str(path)) if trusted_path else self.resolve_path(str(path))
             try:
-                current = self._current.get(name)
-                checked = check_adapter_file(file_path, self.template, field_name, display=display)
-                if sha256 and checked.sha256 != sha256:
-                    raise ServeError(FAILED_PRECONDITION, "sha256", f"checksum mismatch: '{file_path.name}' has sha256 "
-                                     f"{checked.sha256}, not {sha256}")
-                if current is not None and current.sha256 == checked.sha256:
-                    owned.unlink(missing_ok=True)
-                    return LoadResult(current, None, True, (time.perf_counter() - started) * 1000)
-                self._seq += 1
-                internal = f"{name}@{checked.sha256[:8]}.{self._seq}"
-                with self.og_lock:
-                    try:
-                        self._og.load(str(file_path), internal)
-                    except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with its reason
-                        raise ServeError(FAILED_PRECONDITION, field_name, f"onnxruntime-genai refused the adapter: {exc}") from exc
-            except BaseException:
-                owned.unlink(missing_ok=True)
-                raise
-            # the engine holds the tensors in memory: the private copy is not needed any more
-            owned.unlink(missing_ok=True)
-            shown_path = Path(str(path)) if field_name == "path" else Path(display)
+                data = source_path.read_bytes()
+            except OSError as exc:
+                raise ServeError(NOT_FOUND if isinstance(exc, FileNotFoundError) else FAILED_PRECONDITION, "path",
+                                 f"cannot read '{path}': {exc.strerror or exc}") from exc
+            shown_path = Path(str(path))
+        got = sha256_bytes(data)
+        if sha256 and got != sha256:
+            what = "the uploaded data" if field_name == "data" else f"'{display}'"
+            raise ServeError(FAILED_PRECONDITION, "sha256", f"checksum mismatch: {what} has sha256 {got}, not {sha256}; "
+                             "the file is corrupt or the wrong one")
+        # the slow part (parse + ABI check, ~0.3 s for 175 MB) holds no lock
+        checked, tensors = check_adapter_bytes(data, self.template, field_name, display, sha=got)
+        del data
+        with self._swap_lock:
+            current = self.get(name)
+            if current is not None and current.sha256 == checked.sha256:
+                return LoadResult(current, None, True, (time.perf_counter() - started) * 1000)
+            self._seq += 1
+            internal = f"{name}@{checked.sha256[:8]}.{self._seq}"
+            try:
+                self._store.add(internal, tensors)
+            except Exception as exc:  # noqa: BLE001 - the store's reason, as a status the client can act on
+                raise ServeError(FAILED_PRECONDITION, field_name, f"the server could not hold the adapter: {exc}") from exc
             entry = LoadedAdapter(name=name, internal=internal, file=dataclasses.replace(checked, path=shown_path),
-                                  source=source, owned_path=None)
+                                  source=source)
             with self._lock:
                 previous = self._current.get(name)
                 self._current[name] = entry
@@ -264,7 +265,7 @@ class AdapterRegistry:
         """Remove ``name`` at once (new requests get NOT_FOUND), then wait up to ``timeout`` s for
         in-flight requests to finish. Returns (entry, drained)."""
         check_name(name)
-        with self._load_lock, self._lock:
+        with self._swap_lock, self._lock:
             entry = self._current.pop(name, None)
             if entry is None:
                 raise ServeError(NOT_FOUND, "name", f"adapter '{name}' is not loaded (loaded: "
@@ -301,13 +302,21 @@ class AdapterRegistry:
         with self._lock:
             return len(self._retired)
 
+    def pending_unloads(self) -> list[LoadedAdapter]:
+        """Versions no request holds whose removal from the store failed (retried, or given up)."""
+        with self._lock:
+            return list(self._pending)
+
     def close(self) -> None:
         """Unload everything (server shutdown): entries still in use are freed by their last release."""
         for name in self.names():
             with contextlib.suppress(ServeError):
                 self.unload(name, timeout=0)
-        if self._upload_dir is not None and self._upload_dir.name.startswith("slmops-uploads-"):
-            shutil.rmtree(self._upload_dir, ignore_errors=True)
+        with self._lock:
+            self._closed = True
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
 
     # ---- internals ----------------------------------------------------------------------------
     def _retire(self, entry: LoadedAdapter | None) -> bool:
@@ -321,34 +330,59 @@ class AdapterRegistry:
         return False
 
     def _free(self, entry: LoadedAdapter) -> None:
-        with self.og_lock:
-            try:
-                self._og.unload(entry.internal)
-            except Exception as exc:  # noqa: BLE001 - should not happen: refcount says no generator holds it
-                log.error("adapter unload failed", extra={"fields": {"event": "adapter_unload_failed",
-                                                                     "adapter": entry.name, "error": str(exc)}})
-        if entry.owned_path is not None:
-            entry.owned_path.unlink(missing_ok=True)
+        """Remove ``entry`` from the store; on failure, retry later (``UNLOAD_RETRY_DELAYS_S``)."""
+        try:
+            self._store.unload(entry.internal)
+        except Exception as exc:  # noqa: BLE001 - kept, counted and retried; never fails the caller
+            self._unload_failed(entry, exc)
+            return
         with self._lock:
             if entry in self._retired:
                 self._retired.remove(entry)
+            retried = entry in self._pending
+            if retried:
+                self._pending.remove(entry)
             self._lock.notify_all()
+        if retried:
+            log.info("adapter unloaded on retry", extra={"fields": {
+                "event": "adapter_unload_retried", "adapter": entry.name, "internal": entry.internal,
+                "attempts": entry.unload_failures + 1}})
+            self._changed()
 
-    def _write_private(self, name: str, data: bytes) -> Path:
-        """``data`` in a server-owned file; no partial file is left behind when writing fails."""
-        target = self._upload_root() / f"{name}@{sha256_bytes(data)[:12]}.{time.monotonic_ns()}{ADAPTER_SUFFIX}"
-        try:
-            target.write_bytes(data)
-        except OSError as exc:
-            target.unlink(missing_ok=True)
-            raise ServeError(FAILED_PRECONDITION, "data", f"the server cannot store the adapter: {exc.strerror or exc}") from exc
-        return target
+    def _unload_failed(self, entry: LoadedAdapter, exc: Exception) -> None:
+        with self._lock:
+            entry.unload_failures += 1
+            if entry in self._retired:
+                self._retired.remove(entry)
+            if entry not in self._pending:
+                self._pending.append(entry)
+            attempt = entry.unload_failures
+            delay = UNLOAD_RETRY_DELAYS_S[attempt - 1] if attempt <= len(UNLOAD_RETRY_DELAYS_S) else None
+            timer = None
+            if delay is not None and not self._closed:
+                timer = threading.Timer(delay, self._retry, (entry,))
+                timer.daemon = True
+                self._timers.add(timer)
+            self._lock.notify_all()
+        fields = {"event": "adapter_unload_failed", "adapter": entry.name, "internal": entry.internal,
+                  "attempt": attempt, "error": f"{type(exc).__name__}: {exc}"}
+        if delay is not None:
+            log.warning("adapter unload failed; retrying", extra={"fields": {**fields, "retry_in_s": delay}})
+        else:
+            log.error("adapter unload failed; giving up: its memory stays held until the server restarts",
+                      extra={"fields": fields})
+        if self._on_unload_failed is not None:
+            self._on_unload_failed(entry.name)
+        self._changed()
+        if timer is not None:
+            timer.start()
 
-    def _upload_root(self) -> Path:
-        if self._upload_dir is None:
-            self._upload_dir = Path(tempfile.mkdtemp(prefix="slmops-uploads-"))
-        self._upload_dir.mkdir(parents=True, exist_ok=True)
-        return self._upload_dir
+    def _retry(self, entry: LoadedAdapter) -> None:
+        with self._lock:
+            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+            if self._closed or entry not in self._pending:
+                return
+        self._free(entry)
 
     def _changed(self) -> None:
         if self._on_change is not None:

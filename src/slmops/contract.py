@@ -57,6 +57,10 @@ class LoraInputName:
         """``model.layers.3.attn.qkv_proj``: the name both sides of a pair share."""
         return f"model.layers.{self.layer}.{self.block}.{self.projection}"
 
+    def side_name(self, side: str) -> str:
+        """The input name of this pair's ``side`` (``"A"`` or ``"B"``)."""
+        return lora_input_name(self.layer, self.block, self.projection, side)
+
 
 def lora_input_name(layer: int, block: str, projection: str, side: str) -> str:
     return f"model.layers.{layer}.{block}.{projection}.lora_{side}.MatMul.weight"
@@ -189,17 +193,14 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 
 
 def read_adapter_tensors(path: str | Path) -> dict[str, Any]:
-    """``{input name: numpy array}`` of an ``.onnx_adapter`` file (onnxruntime's reader).
+    """``{input name: numpy array}`` of an ``.onnx_adapter`` file.
 
-    Raises whatever onnxruntime raises for a file that is not one (RuntimeError, mostly)."""
-    import numpy as np
-    import onnxruntime as ort
+    Raises:
+        AdapterFormatError: a file that is not one (see :mod:`slmops.adapter_format`, which reads
+            it a tensor at a time instead of onnxruntime's one GIL-holding call)."""
+    from slmops.adapter_format import read_adapter_file
 
-    fmt = ort.AdapterFormat.read_adapter(str(path))
-    # copy: numpy() views memory that the AdapterFormat frees with itself
-    tensors = {name: np.array(value.numpy(), copy=True) for name, value in fmt.get_parameters().items()}
-    del fmt
-    return tensors
+    return read_adapter_file(path)
 
 
 @dataclass
@@ -273,11 +274,18 @@ def adapter_problems(tensors: dict[str, Any], template: LoraTemplate) -> Adapter
 
 def check_adapter_file(path: str | Path, template: LoraTemplate) -> AdapterCheck:
     """Read an ``.onnx_adapter`` file and check it against ``template`` (see :func:`adapter_problems`)."""
+    return check_adapter_bytes(Path(path).read_bytes(), template)
+
+
+def check_adapter_bytes(data: bytes, template: LoraTemplate) -> AdapterCheck:
+    """An ``.onnx_adapter`` file's bytes checked against ``template``: the check's ``tensors`` are
+    read from exactly these bytes (load them, not a file read again)."""
+    from slmops.adapter_format import AdapterFormatError, read_adapter_bytes
+
     try:
-        tensors = read_adapter_tensors(path)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError (or worse) for any corrupt buffer
-        detail = str(exc).rsplit(")", 1)[-1].strip() or type(exc).__name__
-        return AdapterCheck([f"not a valid {ADAPTER_SUFFIX} file ({detail[:160]})"], readable=False)
+        tensors = read_adapter_bytes(data)
+    except AdapterFormatError as exc:
+        return AdapterCheck([f"not a valid {ADAPTER_SUFFIX} file ({str(exc)[:160]})"], readable=False)
     return adapter_problems(tensors, template)
 
 
@@ -293,7 +301,7 @@ def adapted_modules(template: LoraTemplate, ranks: dict[str, dict[str, int]],
     rank = 0
     for prefix, pair in ranks.items():
         projection = prefix.rsplit(".", 1)[-1]
-        b = tensors.get(f"{prefix}.lora_B.MatMul.weight")
+        b = tensors.get(f"{prefix}.lora_B.MatMul.weight")  # lora_input_name's layout
         nonzero = b != 0 if b is not None else None
         found = False
         for member in template.projections.get(projection, []):

@@ -278,5 +278,106 @@ def test_a_refused_upload_is_named_for_the_user_and_leaves_no_file(client: Any, 
         client.load_adapter("junk", data=b"not an adapter at all" * 8)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "upload for 'junk'" in exc.value.details() and "slmops-uploads" not in exc.value.details()
-    leftovers = list(registry._upload_root().glob("junk@*"))
-    assert leftovers == []
+    # uploads are checked and loaded from the received bytes: no file is written, none is left
+    assert "junk" not in registry.names() and not [n for n in registry.store.names() if n.startswith("junk@")]
+
+
+def metric_samples(server: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in server.metrics.registry.collect()
+            for s in m.samples}
+
+
+def test_a_failed_unload_is_retried_counted_and_freed(server: Any, client: Any, adapter_files: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's unload fails once (injected): the version stays pending in the metrics, a timer
+    retries it, and then it is gone from memory; the public loaded set was right all along."""
+    from slmops_serve import registry as registry_module
+
+    registry, store = server.engine.registry, server.engine.store
+    monkeypatch.setattr(registry_module, "UNLOAD_RETRY_DELAYS_S", (0.3, 0.3))
+    real_unload, calls = store.unload, []
+
+    def flaky(internal: str) -> None:
+        calls.append(internal)
+        if len(calls) == 1:
+            raise RuntimeError("injected: the store could not free the adapter")
+        real_unload(internal)
+
+    client.load_adapter("flaky", path="extract.onnx_adapter")
+    internal = registry.get("flaky").internal
+    before = metric_samples(server).get(("slmops_adapter_unload_failures_total", (("adapter", "flaky"),)), 0.0)
+    monkeypatch.setattr(store, "unload", flaky)
+    client.unload_adapter("flaky")
+    assert "flaky" not in loaded(client) and "flaky" not in registry.names()  # gone for requests at once
+    assert internal in store.names() and [e.internal for e in registry.pending_unloads()] == [internal]
+    samples = metric_samples(server)
+    assert samples[("slmops_adapter_unload_failures_total", (("adapter", "flaky"),))] == before + 1
+    assert samples[("slmops_adapter_unloads_pending", ())] == 1
+    assert ("slmops_adapter_loaded", (("adapter", "flaky"), ("sha256", sha(adapter_files["extract"])))) not in samples
+    deadline = time.monotonic() + 10
+    while registry.pending_unloads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert calls == [internal, internal]  # retried once, by the timer
+    assert registry.pending_unloads() == [] and internal not in store.names()
+    assert metric_samples(server)[("slmops_adapter_unloads_pending", ())] == 0
+    assert client.generate(PROMPT, adapter="tone", max_new_tokens=4).adapter == "tone"  # the server goes on
+
+
+def test_a_failed_unload_is_given_up_after_its_retries(server: Any, client: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from slmops_serve import registry as registry_module
+
+    registry, store = server.engine.registry, server.engine.store
+    monkeypatch.setattr(registry_module, "UNLOAD_RETRY_DELAYS_S", (0.1, 0.1))
+    real_unload, calls = store.unload, []
+
+    def broken(internal: str) -> None:
+        calls.append(internal)
+        raise RuntimeError("injected: never frees")
+
+    client.load_adapter("stuck", path="tone.onnx_adapter")
+    internal = registry.get("stuck").internal
+    monkeypatch.setattr(store, "unload", broken)
+    client.unload_adapter("stuck")
+    time.sleep(1.0)
+    assert calls == [internal] * 3  # the first try and 2 retries, then no more (bounded)
+    assert [e.internal for e in registry.pending_unloads()] == [internal]
+    assert metric_samples(server)[("slmops_adapter_unloads_pending", ())] == 1
+    # clean up: free it for real so the shared server's counts stay right
+    monkeypatch.setattr(store, "unload", real_unload)
+    registry._free(registry.pending_unloads()[0])
+    assert registry.pending_unloads() == [] and internal not in store.names()
+    assert metric_samples(server)[("slmops_adapter_unloads_pending", ())] == 0
+
+
+def test_adapter_metrics_stay_right_when_a_watcher_load_races_an_api_unload(server: Any, client: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watcher thread loads while an admin RPC unloads, 15 times; each metrics update is slowed
+    (a sleep between clearing and setting the labels) so unlocked updates would interleave. The
+    exported adapter labels must equal the loaded set after every round."""
+    registry, metrics = server.engine.registry, server.metrics
+    real_labels = metrics.adapter_info.labels
+
+    def slow_labels(*args: Any) -> Any:
+        time.sleep(0.002)
+        return real_labels(*args)
+
+    monkeypatch.setattr(metrics.adapter_info, "labels", slow_labels)
+    for round_ in range(15):
+        client.load_adapter("race-api", path="tone.onnx_adapter")
+        barrier = threading.Barrier(2)
+
+        def watcher(barrier: threading.Barrier, name: str) -> None:
+            barrier.wait()
+            registry.load(name, path="extract.onnx_adapter", source="watch")
+
+        thread = threading.Thread(target=watcher, args=(barrier, f"race-watch{round_ % 2}"))
+        thread.start()
+        barrier.wait()
+        client.unload_adapter("race-api")
+        thread.join()
+        exported = {dict(labels)["adapter"] for (name, labels), value in metric_samples(server).items()
+                    if name == "slmops_adapter_loaded" and value == 1}
+        assert exported == set(registry.names()), f"round {round_}"
+        assert metric_samples(server)[("slmops_adapters_loaded", ())] == len(registry.names())
+        registry.unload(f"race-watch{round_ % 2}", timeout=0)

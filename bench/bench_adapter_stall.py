@@ -1,0 +1,189 @@
+"""Does loading a large adapter stall the streams that are decoding? Written as JSON.
+
+    .venv/bin/python bench/bench_adapter_stall.py dist/bundles/cpu --out bench/results/adapter_stall_cpu.json
+
+In one process, as the server runs it: the engine's scheduler thread decodes ``--streams`` long
+streams (end-of-sequence suppressed, base model) while an admin thread does the work of
+LoadAdapter / UnloadAdapter RPCs on a large synthetic adapter (all modules, ``--rank``):
+
+  idle      no admin work (the reference)
+  load      load the big adapter from --adapter-dir, then unload it, again and again
+  upload    the same from bytes (LoadAdapter data)
+  free      a short stream on a replaced adapter version ends (the scheduler frees that version)
+            while the big load runs: the scheduler's free used to wait for the load's lock
+
+Every gap between two decode steps is timed inside the scheduler (the engine's ``token_hook``),
+so a stall is measured where it happens, not behind the client's thread. Scenarios are
+interleaved ``--reps`` times in one run; the JSON records the load average (a shared machine
+swings: compare the scenarios of one run, not runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "serve")]
+
+from bench.bench_serve import pct, versions  # noqa: E402
+from bench.synthetic import synthetic_adapter  # noqa: E402
+
+PROMPT = "Write a long, detailed story about a small robot who learns to paint."
+
+
+class StepClock:
+    """The engine's token hook: the time of every decode step of the base streams."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.recording = False
+
+    def hook(self, gen: Any, produced: int) -> None:
+        if self.recording and gen.adapter is None:
+            now = time.perf_counter()
+            # one entry per step: the first base row's call of that step
+            if not self.times or now - self.times[-1] > 1e-4:
+                self.times.append(now)
+
+    def gaps_ms(self) -> list[float]:
+        return [(b - a) * 1000 for a, b in zip(self.times, self.times[1:], strict=False)]
+
+
+def run_streams(engine: Any, streams: int, tokens: int) -> list[Any]:
+    from slmops_serve.engine import GenerationRequest
+
+    return [engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=tokens, min_new_tokens=tokens))
+            for _ in range(streams)]
+
+
+def scenario(engine: Any, clock: StepClock, kind: str, big: Path, swap: list[Path], streams: int, tokens: int) -> dict[str, Any]:
+    from slmops_serve.engine import GenerationRequest
+
+    registry = engine.registry
+    data = big.read_bytes() if kind == "upload" else None
+    loads: list[float] = []
+    stop = threading.Event()
+
+    def admin() -> None:
+        i = 0
+        while not stop.is_set():
+            if kind == "free":
+                # a short request holds the current 'swap' version; replacing it retires that
+                # version, and the request ends (the scheduler frees it) while 'big' loads
+                registry.load("swap", path=str(swap[i % 2]))
+                short = engine.submit(GenerationRequest(prompt=PROMPT, adapter="swap", max_new_tokens=4, min_new_tokens=4))
+                registry.load("swap", path=str(swap[(i + 1) % 2]))
+                i += 1
+                started = time.perf_counter()
+                registry.load("big", path=str(big))
+                loads.append(time.perf_counter() - started)
+                short.result()
+            else:
+                started = time.perf_counter()
+                if data is not None:
+                    registry.load("big", data=data, source="upload")
+                else:
+                    registry.load("big", path=str(big))
+                loads.append(time.perf_counter() - started)
+            registry.unload("big", timeout=5)
+            if kind == "free":
+                registry.unload("swap", timeout=5)
+
+    clock.times.clear()
+    gens = run_streams(engine, streams, tokens)
+    # record from the second step: the first steps include the streams' prefill
+    while engine.running < streams:
+        time.sleep(0.001)
+    time.sleep(0.05)
+    clock.recording = True
+    worker = None
+    if kind != "idle":
+        worker = threading.Thread(target=admin, name="admin")
+        worker.start()
+    for gen in gens:
+        gen.result()
+    clock.recording = False
+    stop.set()
+    if worker is not None:
+        worker.join()
+    gaps = clock.gaps_ms()[:-1]  # the last gap may span a row leaving the batch
+    return {"scenario": kind, "steps": len(gaps), "gap_p50_ms": round(pct(gaps, 50), 2),
+            "gap_p99_ms": round(pct(gaps, 99), 2), "gap_max_ms": round(max(gaps), 2) if gaps else None,
+            "loads": len(loads), "load_s_median": round(sorted(loads)[len(loads) // 2], 3) if loads else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--rank", type=int, default=96, help="rank of the big synthetic adapter (all modules)")
+    parser.add_argument("--streams", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=200, help="tokens per stream in each scenario")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--label", default="", help="a label stored in the JSON (e.g. the code version measured)")
+    args = parser.parse_args(argv)
+
+    from slmops.bundle import read_manifest
+    from slmops_serve.config import ServeConfig
+    from slmops_serve.engine import Engine
+
+    manifest = read_manifest(args.bundle)
+    template = manifest.lora_template
+    with tempfile.TemporaryDirectory(prefix="slmops-stall-") as tmp:
+        workdir = Path(tmp)
+        big = synthetic_adapter(template, list(template.modules), args.rank, workdir / "big.onnx_adapter", seed=1)
+        swap = [synthetic_adapter(template, ["q_proj", "v_proj"], 4, workdir / f"swap{i}.onnx_adapter", seed=10 + i)
+                for i in range(2)]
+        config = ServeConfig(bundle_dir=str(args.bundle), adapter_dir=str(workdir), threads=args.threads,
+                             max_batch=args.streams + 1, metrics_port=None, verify_bundle=False,
+                             max_upload_bytes=big.stat().st_size + 1, max_new_tokens_limit=4096)
+        engine = Engine(config)
+        engine.load()
+        clock = StepClock()
+        engine.token_hook = clock.hook
+        runs: list[dict[str, Any]] = []
+        try:
+            for rep in range(args.reps):
+                for kind in ("idle", "load", "upload", "free"):
+                    result = scenario(engine, clock, kind, big, swap, args.streams, args.tokens)
+                    result["rep"] = rep
+                    runs.append(result)
+                    print(json.dumps(result), flush=True)
+        finally:
+            engine.close()
+        summary: dict[str, Any] = {}
+        for kind in ("idle", "load", "upload", "free"):
+            mine = [r for r in runs if r["scenario"] == kind]
+            summary[kind] = {
+                "gap_max_ms": max(r["gap_max_ms"] for r in mine),
+                "gap_p99_ms_median": sorted(r["gap_p99_ms"] for r in mine)[len(mine) // 2],
+                "gap_p50_ms_median": sorted(r["gap_p50_ms"] for r in mine)[len(mine) // 2],
+                "load_s_median": sorted(r["load_s_median"] or 0 for r in mine)[len(mine) // 2],
+            }
+        report = {
+            "label": args.label, "bundle": str(args.bundle), "big_adapter": {"rank": args.rank, "modules": template.modules,
+                                                                            "bytes": big.stat().st_size, "synthetic": True},
+            "streams": args.streams, "tokens": args.tokens, "threads": args.threads, "reps": args.reps,
+            "loadavg_start": os.getloadavg(), "versions": versions(("onnxruntime", "numpy")),
+            "summary": summary, "runs": runs,
+        }
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        existing = json.loads(args.out.read_text()) if args.out.exists() else {}
+        existing[args.label or "run"] = report
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(existing, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
