@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slmops.contract import numpy_dtype, write_adapter_tensors
+from slmops.contract import numpy_dtype, parse_lora_input, write_adapter_tensors
 
 write_adapter = write_adapter_tensors  # the one .onnx_adapter writer, under the name tests import
 
@@ -25,21 +25,22 @@ def synthetic_adapter(template: Any, modules: list[str], rank: int, path: Path, 
     shapes = {i.name: i.shape for i in template.inputs}
     arrays: dict[str, Any] = {}
     for name, shape in shapes.items():
-        if ".lora_A." not in name:
+        parsed = parse_lora_input(name)
+        if parsed is None or parsed.side != "A":
             continue
-        projection = name.split(".lora_A.")[0].rsplit(".", 1)[-1]
+        projection, b_name = parsed.projection, parsed.side_name("B")
         members = template.projections.get(projection, [])
         chosen = [m for m in members if m.module in modules]
         if not chosen:
             continue
-        in_dim, out_dim = int(shape[0]), int(shapes[name.replace(".lora_A.", ".lora_B.")][1])
+        in_dim, out_dim = int(shape[0]), int(shapes[b_name][1])
         a = (rng.standard_normal((in_dim, rank * len(chosen))) * scale).astype(dtype)
         b = np.zeros((rank * len(chosen), out_dim), dtype)
         for i, member in enumerate(chosen):
             b[i * rank:(i + 1) * rank, member.offset:member.offset + member.size] = \
                 (rng.standard_normal((rank, member.size)) * scale).astype(dtype)
         arrays[name] = a
-        arrays[name.replace(".lora_A.", ".lora_B.")] = b
+        arrays[b_name] = b
     if not arrays:
         raise ValueError(f"the bundle has no LoRA inputs for {modules}")
     return write_adapter(arrays, path)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from slmops.bundle import LoraTemplate
-from slmops.contract import ONNX_TYPE_OF, GenaiConfig, numpy_dtype
+from slmops.contract import ONNX_TYPE_OF, GenaiConfig, numpy_dtype, parse_lora_input
 
 _INITIAL_CAPACITY = 256
 DEFAULT_MAX_LENGTH = 4096
@@ -119,9 +119,9 @@ class LoraBank:
         # projection kind -> [(A name, B name)] over layers
         self._pairs: dict[str, list[tuple[str, str]]] = {}
         for item in template.inputs:
-            if ".lora_A." in item.name:
-                projection = item.name.split(".lora_A.")[0].rsplit(".", 1)[-1]
-                self._pairs.setdefault(projection, []).append((item.name, item.name.replace(".lora_A.", ".lora_B.")))
+            parsed = parse_lora_input(item.name)
+            if parsed is not None and parsed.side == "A":
+                self._pairs.setdefault(parsed.projection, []).append((item.name, parsed.side_name("B")))
         self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, np.ndarray], dict[str, list[tuple[int, int]]]]] = OrderedDict()
         self._cache_size = cache_size
         self._weights: dict[Any, int] = {}  # adapter key -> sum of its ranks
