@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from slmops.bundle import LoraTemplate
-from slmops.contract import ONNX_TYPE_OF, GenaiConfig, numpy_dtype, parse_lora_input
+from slmops.contract import ONNX_TYPE_OF, GenaiConfig, dtype_of_onnx_type, numpy_dtype, parse_lora_input
 
 _INITIAL_CAPACITY = 256
 DEFAULT_MAX_LENGTH = 4096
@@ -256,8 +256,7 @@ class ModelRunner:
                                             providers=session_providers(execution_provider, ort.get_available_providers()))
         # inputs with a default (the LoRA pairs and masks) are "overridable initializers" to onnxruntime
         io_types = {i.name: i.type for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
-        kv_type = io_types.get(self.info.past_key % 0, ONNX_TYPE_OF["float32"])
-        self.dtype = np.float16 if kv_type == ONNX_TYPE_OF["float16"] else np.float32
+        self.dtype = numpy_dtype(dtype_of_onnx_type(io_types.get(self.info.past_key % 0, ONNX_TYPE_OF["float32"])))
         self.graph_inputs = set(io_types)
         missing = {m for m in template.row_masks.values()} - self.graph_inputs
         if missing:
