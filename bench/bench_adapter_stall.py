@@ -11,6 +11,8 @@ LoadAdapter / UnloadAdapter RPCs on a large synthetic adapter (all modules, ``--
   upload    the same from bytes (LoadAdapter data)
   free      a short stream on a replaced adapter version ends (the scheduler frees that version)
             while the big load runs: the scheduler's free used to wait for the load's lock
+  swaps     the same short streams and replacements without the big load (free's control: the
+            short streams' prefill and LoRA steps lengthen the base streams' steps by themselves)
 
 Every gap between two decode steps is timed inside the scheduler (the engine's ``token_hook``),
 so a stall is measured where it happens, not behind the client's thread. Scenarios are
@@ -37,6 +39,9 @@ from bench.bench_serve import pct, versions  # noqa: E402
 from bench.synthetic import synthetic_adapter  # noqa: E402
 
 PROMPT = "Write a long, detailed story about a small robot who learns to paint."
+
+
+KINDS = ("idle", "load", "upload", "free", "swaps")
 
 
 class StepClock:
@@ -75,13 +80,17 @@ def scenario(engine: Any, clock: StepClock, kind: str, big: Path, swap: list[Pat
     def admin() -> None:
         i = 0
         while not stop.is_set():
-            if kind == "free":
+            if kind in ("free", "swaps"):
                 # a short request holds the current 'swap' version; replacing it retires that
                 # version, and the request ends (the scheduler frees it) while 'big' loads
                 registry.load("swap", path=str(swap[i % 2]))
                 short = engine.submit(GenerationRequest(prompt=PROMPT, adapter="swap", max_new_tokens=4, min_new_tokens=4))
                 registry.load("swap", path=str(swap[(i + 1) % 2]))
                 i += 1
+                if kind == "swaps":
+                    short.result()
+                    registry.unload("swap", timeout=5)
+                    continue
                 started = time.perf_counter()
                 registry.load("big", path=str(big))
                 loads.append(time.perf_counter() - started)
@@ -132,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a label stored in the JSON (e.g. the code version measured)")
     args = parser.parse_args(argv)
 
-    from slmops.bundle import read_manifest
     from slmops_serve.config import ServeConfig
     from slmops_serve.engine import Engine
+
+    from slmops.bundle import read_manifest
 
     manifest = read_manifest(args.bundle)
     template = manifest.lora_template
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict[str, Any]] = []
         try:
             for rep in range(args.reps):
-                for kind in ("idle", "load", "upload", "free"):
+                for kind in KINDS:
                     result = scenario(engine, clock, kind, big, swap, args.streams, args.tokens)
                     result["rep"] = rep
                     runs.append(result)
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             engine.close()
         summary: dict[str, Any] = {}
-        for kind in ("idle", "load", "upload", "free"):
+        for kind in KINDS:
             mine = [r for r in runs if r["scenario"] == kind]
             summary[kind] = {
                 "gap_max_ms": max(r["gap_max_ms"] for r in mine),

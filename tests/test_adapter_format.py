@@ -89,3 +89,18 @@ def test_clear_error(data: bytes, words: str) -> None:
 
     with pytest.raises(AdapterFormatError, match=words):
         read_adapter_bytes(data)
+
+
+def test_read_file_returns_the_file_bytes(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from slmops.adapter_format import read_file
+
+    data = os.urandom(3 * 1024 + 17)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    got = read_file(path, chunk=1024)  # several chunks and a short last one
+    assert bytes(got) == data and hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert bytes(read_file(tmp_path / "empty.bin")) == b""

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops import contract
+from slmops.adapter_format import read_file
 from slmops.bundle import LoraTemplate
 from slmops.contract import ADAPTER_SUFFIX, MERGED_BUNDLE_PROBLEM, adapter_name_problem
 from slmops_serve.errors import (
@@ -90,11 +91,11 @@ def check_name(name: str) -> str:
     return name
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_adapter_bytes(data: bytes, template: LoraTemplate, field_name: str, display: str,
+def check_adapter_bytes(data: Any, template: LoraTemplate, field_name: str, display: str,
                         sha: str | None = None) -> tuple[AdapterFile, dict[str, Any]]:
     """Parse ``data`` (an .onnx_adapter file's bytes) and check it against the bundle's adapter ABI
     (slmops.contract: names, shapes, dtype, A/B ranks). Returns the file's description and the
@@ -118,7 +119,7 @@ def check_adapter_bytes(data: bytes, template: LoraTemplate, field_name: str, di
 
 def check_adapter_file(path: Path, template: LoraTemplate, field_name: str = "path", display: str | None = None) -> AdapterFile:
     """:func:`check_adapter_bytes` of the file at ``path`` (``display`` defaults to its name)."""
-    described, _ = check_adapter_bytes(Path(path).read_bytes(), template, field_name, display or Path(path).name)
+    described, _ = check_adapter_bytes(read_file(path), template, field_name, display or Path(path).name)
     return dataclasses.replace(described, path=Path(path))
 
 
@@ -223,7 +224,7 @@ class AdapterRegistry:
             field_name, display = "path", Path(str(path)).name
             source_path = Path(str(path)) if trusted_path else self.resolve_path(str(path))
             try:
-                data = source_path.read_bytes()
+                data = read_file(source_path)  # read a chunk at a time: the scheduler keeps the GIL
             except OSError as exc:
                 raise ServeError(NOT_FOUND if isinstance(exc, FileNotFoundError) else FAILED_PRECONDITION, "path",
                                  f"cannot read '{path}': {exc.strerror or exc}") from exc

@@ -278,10 +278,12 @@ def adapter_problems(tensors: dict[str, Any], template: LoraTemplate) -> Adapter
 
 def check_adapter_file(path: str | Path, template: LoraTemplate) -> AdapterCheck:
     """Read an ``.onnx_adapter`` file and check it against ``template`` (see :func:`adapter_problems`)."""
-    return check_adapter_bytes(Path(path).read_bytes(), template)
+    from slmops.adapter_format import read_file
+
+    return check_adapter_bytes(read_file(path), template)
 
 
-def check_adapter_bytes(data: bytes, template: LoraTemplate) -> AdapterCheck:
+def check_adapter_bytes(data: Any, template: LoraTemplate) -> AdapterCheck:
     """An ``.onnx_adapter`` file's bytes checked against ``template``: the check's ``tensors`` are
     read from exactly these bytes (load them, not a file read again)."""
     from slmops.adapter_format import AdapterFormatError, read_adapter_bytes
