@@ -33,7 +33,8 @@ class Progress:
         self.seconds = 0.0
 
     def __enter__(self) -> Progress:
-        self.start = time.monotonic()
+        # the first line comes one interval in: a rate over the first chunk alone means nothing
+        self.start = self._last = time.monotonic()
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
