@@ -89,15 +89,19 @@ def check_adapter_file(path: Path, template: LoraTemplate) -> list[str]:
 
 
 def can_run(target: Target) -> tuple[bool, str]:
-    """Whether this machine can run the target's execution provider."""
+    """Whether this machine can run the target's execution provider: the server's runtime (which
+    validation decodes with) finds it in this onnxruntime."""
     if target.execution_provider == "cpu":
         return True, ""
     import onnxruntime as ort
-    import onnxruntime_genai as og
 
-    if target.execution_provider == "cuda" and og.is_cuda_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-        return True, ""
-    return False, f"{target.provider} is not available on this machine; only static checks ran"
+    from slmops.runtime.runner import session_providers
+
+    try:
+        session_providers(target.execution_provider, ort.get_available_providers())
+    except ValueError:
+        return False, f"{target.provider} is not available on this machine; only static checks ran"
+    return True, ""
 
 
 # ---- eval data --------------------------------------------------------------------------------

@@ -33,3 +33,18 @@ def test_row_scores_per_task() -> None:
     metric, rows = row_scores(["the cat sat", "dog"], ["the cat sat", "a cat"], False)
     assert metric == "rouge_l" and rows[0] == 1.0 and rows[1] == 0.0
     assert task_score(["joy", "fear"], ["joy", "anger"], True) == ("accuracy", 0.5)
+
+
+def test_can_run_asks_the_runtime_validation_decodes_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU target validates where onnxruntime (the server's runtime) has its provider, onnxruntime-genai or not."""
+    import onnxruntime as ort
+    from slmops_build.validate import can_run
+
+    from slmops.targets import get_target
+
+    assert can_run(get_target("cpu")) == (True, "")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert can_run(get_target("cuda")) == (True, "")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    runnable, why = can_run(get_target("cuda"))
+    assert not runnable and "CUDAExecutionProvider is not available" in why
