@@ -13,6 +13,8 @@ LoadAdapter / UnloadAdapter RPCs on a large synthetic adapter (all modules, ``--
             while the big load runs: the scheduler's free used to wait for the load's lock
   swaps     the same short streams and replacements without the big load (free's control: the
             short streams' prefill and LoRA steps lengthen the base streams' steps by themselves)
+  grpc      a client PROCESS uploads the big adapter over gRPC (LoadAdapter data) and unloads it,
+            again and again: the server also receives and parses the 175 MB message
 
 Every gap between two decode steps is timed inside the scheduler (the engine's ``token_hook``),
 so a stall is measured where it happens, not behind the client's thread. Scenarios are
@@ -38,10 +40,11 @@ sys.path[:0] = [str(REPO), str(REPO / "serve")]
 from bench.bench_serve import pct, versions  # noqa: E402
 from bench.synthetic import synthetic_adapter  # noqa: E402
 
+ADMIN_TOKEN = "bench-admin-token"
 PROMPT = "Write a long, detailed story about a small robot who learns to paint."
 
 
-KINDS = ("idle", "load", "upload", "free", "swaps")
+KINDS = ("idle", "load", "upload", "free", "swaps", "grpc")
 
 
 class StepClock:
@@ -69,15 +72,50 @@ def run_streams(engine: Any, streams: int, tokens: int) -> list[Any]:
             for _ in range(streams)]
 
 
-def scenario(engine: Any, clock: StepClock, kind: str, big: Path, swap: list[Path], streams: int, tokens: int) -> dict[str, Any]:
+GRPC_CLIENT = """
+import os, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/serve"]
+from slmops_serve.client import SlmopsClient
+data = open(sys.argv[3], "rb").read()
+n = 0
+with SlmopsClient(sys.argv[2], token=sys.argv[5], timeout=300) as client:
+    while not os.path.exists(sys.argv[4]):
+        client.load_adapter("big", data=data)
+        client.unload_adapter("big")
+        n += 1
+print(n)
+"""
+
+
+def grpc_uploads(server: Any, big: Path, stop: threading.Event, loads: list[float]) -> None:
+    """Upload+unload ``big`` from a client process until ``stop``; ``loads`` gets one entry per upload."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        flag = Path(tmp) / "stop"
+        proc = subprocess.Popen([sys.executable, "-c", GRPC_CLIENT, str(REPO), server.address, str(big), str(flag),
+                                 ADMIN_TOKEN], stdout=subprocess.PIPE, text=True)
+        started = time.perf_counter()
+        stop.wait()
+        flag.touch()
+        out, _ = proc.communicate(timeout=300)
+        count = int(out.strip() or 0)
+        loads.extend([(time.perf_counter() - started) / max(count, 1)] * count)
+
+
+def scenario(server: Any, clock: StepClock, kind: str, big: Path, swap: list[Path], streams: int, tokens: int) -> dict[str, Any]:
     from slmops_serve.engine import GenerationRequest
 
+    engine = server.engine
     registry = engine.registry
     data = big.read_bytes() if kind == "upload" else None
     loads: list[float] = []
     stop = threading.Event()
 
     def admin() -> None:
+        if kind == "grpc":
+            grpc_uploads(server, big, stop, loads)
+            return
         i = 0
         while not stop.is_set():
             if kind in ("free", "swaps"):
@@ -138,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream in each scenario")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--label", default="", help="a label stored in the JSON (e.g. the code version measured)")
     args = parser.parse_args(argv)
 
     from slmops_serve.config import ServeConfig
-    from slmops_serve.engine import Engine
+    from slmops_serve.server import SlmopsServer
 
     from slmops.bundle import read_manifest
 
@@ -154,24 +193,26 @@ def main(argv: list[str] | None = None) -> int:
         swap = [synthetic_adapter(template, ["q_proj", "v_proj"], 4, workdir / f"swap{i}.onnx_adapter", seed=10 + i)
                 for i in range(2)]
         config = ServeConfig(bundle_dir=str(args.bundle), adapter_dir=str(workdir), threads=args.threads,
-                             max_batch=args.streams + 1, metrics_port=None, verify_bundle=False,
-                             max_upload_bytes=big.stat().st_size + 1, max_new_tokens_limit=4096)
-        engine = Engine(config)
-        engine.load()
+                             max_batch=args.streams + 1, host="127.0.0.1", port=0, metrics_port=None,
+                             verify_bundle=False, admin_token=ADMIN_TOKEN, max_upload_bytes=big.stat().st_size + 1,
+                             max_new_tokens_limit=4096)
+        server = SlmopsServer(config)
+        server.start()
+        server.load()
         clock = StepClock()
-        engine.token_hook = clock.hook
+        server.engine.token_hook = clock.hook
         runs: list[dict[str, Any]] = []
         try:
             for rep in range(args.reps):
-                for kind in KINDS:
-                    result = scenario(engine, clock, kind, big, swap, args.streams, args.tokens)
+                for kind in args.kinds:
+                    result = scenario(server, clock, kind, big, swap, args.streams, args.tokens)
                     result["rep"] = rep
                     runs.append(result)
                     print(json.dumps(result), flush=True)
         finally:
-            engine.close()
+            server.stop(grace=5)
         summary: dict[str, Any] = {}
-        for kind in KINDS:
+        for kind in args.kinds:
             mine = [r for r in runs if r["scenario"] == kind]
             summary[kind] = {
                 "gap_max_ms": max(r["gap_max_ms"] for r in mine),
