@@ -15,6 +15,7 @@ LoadAdapter / UnloadAdapter RPCs on a large synthetic adapter (all modules, ``--
             short streams' prefill and LoRA steps lengthen the base streams' steps by themselves)
   grpc      a client PROCESS uploads the big adapter over gRPC (LoadAdapter data) and unloads it,
             again and again: the server also receives and parses the 175 MB message
+  grpc_stream  the same through UploadAdapter (the client's upload_adapter: 4 MiB pieces)
 
 Every gap between two decode steps is timed inside the scheduler (the engine's ``token_hook``),
 so a stall is measured where it happens, not behind the client's thread. Scenarios are
@@ -44,7 +45,7 @@ ADMIN_TOKEN = "bench-admin-token"
 PROMPT = "Write a long, detailed story about a small robot who learns to paint."
 
 
-KINDS = ("idle", "load", "upload", "free", "swaps", "grpc")
+KINDS = ("idle", "load", "upload", "free", "swaps", "grpc", "grpc_stream")
 
 
 class StepClock:
@@ -80,21 +81,24 @@ data = open(sys.argv[3], "rb").read()
 n = 0
 with SlmopsClient(sys.argv[2], token=sys.argv[5], timeout=300) as client:
     while not os.path.exists(sys.argv[4]):
-        client.load_adapter("big", data=data)
+        if sys.argv[6] == "grpc":
+            client.load_adapter("big", data=data)  # one LoadAdapter(data) message
+        else:
+            client.upload_adapter("big", sys.argv[3])  # UploadAdapter: 4 MiB pieces
         client.unload_adapter("big")
         n += 1
 print(n)
 """
 
 
-def grpc_uploads(server: Any, big: Path, stop: threading.Event, loads: list[float]) -> None:
+def grpc_uploads(server: Any, big: Path, stop: threading.Event, loads: list[float], kind: str) -> None:
     """Upload+unload ``big`` from a client process until ``stop``; ``loads`` gets one entry per upload."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         flag = Path(tmp) / "stop"
         proc = subprocess.Popen([sys.executable, "-c", GRPC_CLIENT, str(REPO), server.address, str(big), str(flag),
-                                 ADMIN_TOKEN], stdout=subprocess.PIPE, text=True)
+                                 ADMIN_TOKEN, kind], stdout=subprocess.PIPE, text=True)
         started = time.perf_counter()
         stop.wait()
         flag.touch()
@@ -113,8 +117,8 @@ def scenario(server: Any, clock: StepClock, kind: str, big: Path, swap: list[Pat
     stop = threading.Event()
 
     def admin() -> None:
-        if kind == "grpc":
-            grpc_uploads(server, big, stop, loads)
+        if kind in ("grpc", "grpc_stream"):
+            grpc_uploads(server, big, stop, loads, kind)
             return
         i = 0
         while not stop.is_set():

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from slmops.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
+UPLOAD_CHUNK_BYTES = 4 << 20  # one UploadAdapter message: small enough that no copy of it stalls the server
+
 DEFAULT_SERVER = "localhost:50051"
 SERVER_ENV = "SLMOPS_SERVER"
 TOKEN_ENV = "SLMOPS_ADMIN_TOKEN"
@@ -121,9 +123,27 @@ class SlmopsClient:
             request, timeout=self.timeout, metadata=self._admin_metadata())
         return response
 
-    def upload_adapter(self, name: str, local_file: str | Path, sha256: str = "") -> adapters_pb2.LoadAdapterResponse:
-        """Upload a local ``.onnx_adapter`` file and load it as ``name``."""
-        return self.load_adapter(name, data=Path(local_file).read_bytes(), sha256=sha256)
+    def upload_adapter(self, name: str, local_file: str | Path, sha256: str = "",
+                       chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> adapters_pb2.LoadAdapterResponse:
+        """Upload a local ``.onnx_adapter`` file in pieces (UploadAdapter) and load it as ``name``;
+        a server older than UploadAdapter gets one LoadAdapter(data) message instead."""
+        path = Path(local_file)
+        size = path.stat().st_size
+
+        def pieces() -> Iterator[adapters_pb2.UploadAdapterChunk]:
+            with open(path, "rb") as f:
+                yield adapters_pb2.UploadAdapterChunk(name=name, size=size, sha256=sha256, data=f.read(chunk_bytes))
+                while data := f.read(chunk_bytes):
+                    yield adapters_pb2.UploadAdapterChunk(data=data)
+
+        try:
+            response: adapters_pb2.LoadAdapterResponse = self.adapters.UploadAdapter(
+                pieces(), timeout=self.timeout, metadata=self._admin_metadata())
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                raise
+            return self.load_adapter(name, data=path.read_bytes(), sha256=sha256)
+        return response
 
     def unload_adapter(self, name: str) -> adapters_pb2.UnloadAdapterResponse:
         response: adapters_pb2.UnloadAdapterResponse = self.adapters.UnloadAdapter(

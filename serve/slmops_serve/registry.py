@@ -197,7 +197,7 @@ class AdapterRegistry:
             raise ServeError(NOT_FOUND, "path", f"'{path}' does not exist in the adapter directory {root}")
         return resolved
 
-    def load(self, name: str, path: str | Path | None = None, data: bytes | None = None, sha256: str = "",
+    def load(self, name: str, path: str | Path | None = None, data: Any = None, sha256: str = "",
              source: str = "path", trusted_path: bool = False) -> LoadResult:
         """Load (or atomically replace) ``name`` from a file in the adapter dir or uploaded bytes.
 
@@ -217,7 +217,7 @@ class AdapterRegistry:
             if len(data) > self.max_upload_bytes:
                 raise ServeError(INVALID_ARGUMENT, "data", f"{len(data)} bytes is larger than the server's limit "
                                  f"--max-upload-bytes {self.max_upload_bytes}")
-            if not data:
+            if len(data) == 0:
                 raise ServeError(INVALID_ARGUMENT, "data", "is empty")
             shown_path = Path(display)
         else:

@@ -8,6 +8,7 @@ affects the server: it is answered and forgotten.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import math
 import time
@@ -38,7 +39,7 @@ from slmops_serve.errors import (
     ServeError,
 )
 from slmops_serve.metrics import ServeMetrics
-from slmops_serve.registry import AdapterRegistry, LoadedAdapter
+from slmops_serve.registry import AdapterRegistry, LoadedAdapter, LoadResult
 
 log = logging.getLogger("slmops.serve")
 
@@ -53,6 +54,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_REQUEST_ID = 128
 REQUEST_ID_HEADER = "x-request-id"
+LOAD_METHODS = ("LoadAdapter", "UploadAdapter")
 
 
 def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
@@ -263,6 +265,37 @@ def adapter_info(entry: LoadedAdapter, requests_total: int, in_flight: int) -> a
         size_bytes=entry.file.size)
 
 
+def receive_upload(chunks: Iterator[adapters_pb2.UploadAdapterChunk], max_bytes: int, call: _Call) -> tuple[str, str, Any]:
+    """(name, sha256, the file's bytes as a uint8 array) of an UploadAdapter stream. Each piece is
+    copied into one buffer allocated from the declared size, so no copy of the whole file is made
+    while holding the GIL (a single LoadAdapter(data) message is copied whole three times)."""
+    import numpy as np
+
+    first = next(chunks, None)
+    if first is None:
+        raise ServeError(INVALID_ARGUMENT, "name", "the upload stream is empty; its first message names the adapter")
+    name, sha256, size = first.name, first.sha256, first.size
+    call.fields.update(adapter=name, source="upload", size=size)
+    if size <= 0:
+        raise ServeError(INVALID_ARGUMENT, "size", f"{size}; the first message gives the file's size in bytes")
+    if size > max_bytes:
+        raise ServeError(INVALID_ARGUMENT, "size", f"{size} bytes is larger than the server's limit "
+                         f"--max-upload-bytes {max_bytes}")
+    buffer = np.empty(size, np.uint8)
+    done = 0
+    for chunk in itertools.chain([first], chunks):
+        if chunk.name and chunk is not first:
+            raise ServeError(INVALID_ARGUMENT, "name", "only the first message of an upload names the adapter")
+        piece = chunk.data
+        if done + len(piece) > size:
+            raise ServeError(INVALID_ARGUMENT, "data", f"more than the declared size {size} bytes arrived")
+        buffer[done:done + len(piece)] = np.frombuffer(piece, np.uint8)
+        done += len(piece)
+    if done != size:
+        raise ServeError(INVALID_ARGUMENT, "data", f"the stream ended after {done} of the declared {size} bytes")
+    return name, sha256, buffer
+
+
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -280,11 +313,11 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             try:
                 return body(call)
             except ServeError as error:
-                if method == "LoadAdapter":
+                if method in LOAD_METHODS:
                     self.metrics.adapter_load_failures.labels(error.code).inc()
                 call.fail(error)
             except Exception as exc:  # noqa: BLE001 - mapped to a status, counted and logged
-                if method == "LoadAdapter" and call.code == "OK":
+                if method in LOAD_METHODS and call.code == "OK":
                     self.metrics.adapter_load_failures.labels(unexpected_error(exc).code).inc()
                 call.fail_unexpected(exc)
         finally:
@@ -309,18 +342,31 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                 result = registry.load(request.name, path=request.path, sha256=request.sha256, source="path")
             else:
                 result = registry.load(request.name, data=request.data, sha256=request.sha256, source="upload")
-            if not result.unchanged:
-                self.metrics.adapter_load_seconds.observe(result.load_ms / 1000)
-            call.fields.update(sha256=result.adapter.sha256[:12], replaced=result.replaced is not None,
-                               unchanged=result.unchanged, load_ms=round(result.load_ms, 2))
-            entry = result.adapter
-            total = dict((e.name, t) for e, t in registry.entries()).get(entry.name, 0)
-            return adapters_pb2.LoadAdapterResponse(
-                adapter=adapter_info(entry, total, registry.in_flight(entry)), replaced=result.replaced is not None,
-                previous_sha256=result.replaced.sha256 if result.replaced else "", load_ms=result.load_ms,
-                unchanged=result.unchanged)
+            return self._loaded(call, registry, result)
 
         return self._run("LoadAdapter", context, body)
+
+    def UploadAdapter(self, request_iterator: Iterator[adapters_pb2.UploadAdapterChunk],
+                      context: grpc.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
+        def body(call: _Call) -> adapters_pb2.LoadAdapterResponse:
+            registry = self._registry()
+            name, sha256, data = receive_upload(request_iterator, self.config.max_upload_bytes, call)
+            result = registry.load(name, data=data, sha256=sha256, source="upload")
+            return self._loaded(call, registry, result)
+
+        return self._run("UploadAdapter", context, body)
+
+    def _loaded(self, call: _Call, registry: AdapterRegistry, result: LoadResult) -> adapters_pb2.LoadAdapterResponse:
+        if not result.unchanged:
+            self.metrics.adapter_load_seconds.observe(result.load_ms / 1000)
+        call.fields.update(sha256=result.adapter.sha256[:12], replaced=result.replaced is not None,
+                           unchanged=result.unchanged, load_ms=round(result.load_ms, 2))
+        entry = result.adapter
+        total = dict((e.name, t) for e, t in registry.entries()).get(entry.name, 0)
+        return adapters_pb2.LoadAdapterResponse(
+            adapter=adapter_info(entry, total, registry.in_flight(entry)), replaced=result.replaced is not None,
+            previous_sha256=result.replaced.sha256 if result.replaced else "", load_ms=result.load_ms,
+            unchanged=result.unchanged)
 
     def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest,
                       context: grpc.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
@@ -365,4 +411,9 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
                           "authorization: the Adapters service needs metadata 'authorization: Bearer <admin token>' "
                           "(slmops adapters --token or $SLMOPS_ADMIN_TOKEN)")
 
+        def deny_stream(requests: Any, context: grpc.ServicerContext) -> Any:
+            return deny(None, context)
+
+        if short == "UploadAdapter":
+            return grpc.stream_unary_rpc_method_handler(deny_stream)
         return grpc.unary_unary_rpc_method_handler(deny)

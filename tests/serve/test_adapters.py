@@ -153,6 +153,41 @@ def test_failed_load_leaves_the_loaded_set_unchanged(client: Any, adapter_files:
     assert (tone_after.text, tone_after.adapter_sha256) == (tone_before.text, tone_before.adapter_sha256)
 
 
+def test_upload_in_pieces_and_its_refusals(client: Any, server: Any, adapter_files: dict[str, Path], reference: Any) -> None:
+    """UploadAdapter: a file sent in 10 kB pieces loads the same bytes; a wrong size, a stream that
+    ends early, a second name or a wrong checksum is refused naming the field, and changes nothing."""
+    from slmops.v1 import adapters_pb2
+
+    path = adapter_files["extract"]
+    try:
+        response = client.upload_adapter("pieces", path, sha256=sha(path), chunk_bytes=10_000)
+        assert response.adapter.source == "upload" and response.adapter.sha256 == sha(path)
+        assert response.adapter.size_bytes == path.stat().st_size
+        want = reference.generate(PROMPT, path, 12)[0]
+        assert client.generate(PROMPT, adapter="pieces", max_new_tokens=12).text == want
+    finally:
+        client.unload_adapter("pieces")
+    data = path.read_bytes()
+    before = loaded(client)
+    Chunk = adapters_pb2.UploadAdapterChunk
+    cases = {
+        "size": [Chunk(name="big", size=MAX_UPLOAD + 1, data=data[:100])],
+        "data": [Chunk(name="short", size=len(data), data=data[:1000]), Chunk(data=data[1000:2000])],
+        "name": [Chunk(name="two", size=len(data), data=data[:1000]), Chunk(name="other", data=data[1000:])],
+        "sha256": [Chunk(name="sum", size=len(data), sha256="0" * 64, data=data)],
+    }
+    for field, chunks in cases.items():
+        with pytest.raises(grpc.RpcError) as exc:
+            client.adapters.UploadAdapter(iter(chunks), timeout=30, metadata=client._admin_metadata())
+        assert exc.value.details().startswith(f"{field}: "), exc.value.details()
+        code = grpc.StatusCode.FAILED_PRECONDITION if field == "sha256" else grpc.StatusCode.INVALID_ARGUMENT
+        assert exc.value.code() == code, exc.value.details()
+    assert loaded(client) == before
+    samples = {(s.labels.get("method"), s.labels.get("code")): s.value for m in server.metrics.registry.collect()
+               for s in m.samples if s.name == "slmops_requests_total"}
+    assert samples[("UploadAdapter", "INVALID_ARGUMENT")] >= 3 and samples[("UploadAdapter", "OK")] >= 1
+
+
 def test_abi_mismatch_message_names_the_tensor(client: Any) -> None:
     with pytest.raises(grpc.RpcError) as exc:
         client.load_adapter("x", path="wrong_names.onnx_adapter")

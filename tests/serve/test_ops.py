@@ -89,7 +89,7 @@ def test_reflection_lists_the_services(server: Any) -> None:
         request = pool.FindMessageTypeByName("slmops.v1.GenerateRequest")
         assert {"prompt", "messages", "adapter", "max_new_tokens", "seed", "stop"} <= set(request.fields_by_name)
         methods = {m.name for m in pool.FindServiceByName("slmops.v1.Adapters").methods}
-        assert methods == {"ListAdapters", "LoadAdapter", "UnloadAdapter"}
+        assert methods == {"ListAdapters", "LoadAdapter", "UploadAdapter", "UnloadAdapter"}
 
 
 def test_metrics_move(server: Any, client: Any, adapter_files: dict[str, Path]) -> None:
@@ -129,7 +129,8 @@ def test_adapters_service_requires_the_admin_token(server: Any) -> None:
     for token in (None, "wrong-token"):
         with SlmopsClient(server.address, token=token or "") as anonymous:
             for call in (anonymous.list_adapters, lambda: anonymous.load_adapter("evil", path="tone.onnx_adapter"),
-                         lambda: anonymous.unload_adapter("tone")):
+                         lambda: anonymous.unload_adapter("tone"),
+                         lambda: anonymous.upload_adapter("evil", server.engine.bundle_dir / "adapters" / "tone.onnx_adapter")):
                 with pytest.raises(grpc.RpcError) as exc:
                     call()
                 assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED

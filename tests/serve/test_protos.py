@@ -46,7 +46,8 @@ def test_contract_field_names() -> None:
     assert {"time_to_first_token_ms", "total_ms"} <= fields(generation_pb2.Timings)
     assert {"name", "path", "data", "sha256"} <= fields(adapters_pb2.LoadAdapterRequest)
     assert {"name"} <= fields(adapters_pb2.UnloadAdapterRequest)
+    assert {"name", "size", "sha256", "data"} <= fields(adapters_pb2.UploadAdapterChunk)
     services = {s.full_name: {m.name for m in s.methods} for f in (generation_pb2, adapters_pb2)
                 for s in f.DESCRIPTOR.services_by_name.values()}
     assert services == {"slmops.v1.Generation": {"Generate", "GenerateStream"},
-                        "slmops.v1.Adapters": {"ListAdapters", "LoadAdapter", "UnloadAdapter"}}
+                        "slmops.v1.Adapters": {"ListAdapters", "LoadAdapter", "UploadAdapter", "UnloadAdapter"}}

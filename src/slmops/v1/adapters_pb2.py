@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18slmops/v1/adapters.proto\x12\tslmops.v1\"\xc1\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x11\n\tloaded_at\x18\t \x01(\x01\x12\x12\n\nsize_bytes\x18\n \x01(\x04\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.slmops.v1.AdapterInfo\"\\\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x06sha256\x18\x04 \x01(\tB\x08\n\x06source\"\x8d\x01\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.slmops.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\x12\x17\n\x0fprevious_sha256\x18\x03 \x01(\t\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\x12\x11\n\tunchanged\x18\x05 \x01(\x08\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x15UnloadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x32\xfd\x01\n\x08\x41\x64\x61pters\x12O\n\x0cListAdapters\x12\x1e.slmops.v1.ListAdaptersRequest\x1a\x1f.slmops.v1.ListAdaptersResponse\x12L\n\x0bLoadAdapter\x12\x1d.slmops.v1.LoadAdapterRequest\x1a\x1e.slmops.v1.LoadAdapterResponse\x12R\n\rUnloadAdapter\x12\x1f.slmops.v1.UnloadAdapterRequest\x1a .slmops.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18slmops/v1/adapters.proto\x12\tslmops.v1\"\xc1\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x11\n\tloaded_at\x18\t \x01(\x01\x12\x12\n\nsize_bytes\x18\n \x01(\x04\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.slmops.v1.AdapterInfo\"\\\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x06sha256\x18\x04 \x01(\tB\x08\n\x06source\"N\n\x12UploadAdapterChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x8d\x01\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.slmops.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\x12\x17\n\x0fprevious_sha256\x18\x03 \x01(\t\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\x12\x11\n\tunchanged\x18\x05 \x01(\x08\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x15UnloadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x32\xcf\x02\n\x08\x41\x64\x61pters\x12O\n\x0cListAdapters\x12\x1e.slmops.v1.ListAdaptersRequest\x1a\x1f.slmops.v1.ListAdaptersResponse\x12L\n\x0bLoadAdapter\x12\x1d.slmops.v1.LoadAdapterRequest\x1a\x1e.slmops.v1.LoadAdapterResponse\x12P\n\rUploadAdapter\x12\x1d.slmops.v1.UploadAdapterChunk\x1a\x1e.slmops.v1.LoadAdapterResponse(\x01\x12R\n\rUnloadAdapter\x12\x1f.slmops.v1.UnloadAdapterRequest\x1a .slmops.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTADAPTERSRESPONSE']._serialized_end=322
   _globals['_LOADADAPTERREQUEST']._serialized_start=324
   _globals['_LOADADAPTERREQUEST']._serialized_end=416
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=419
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=560
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=562
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=598
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=600
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=670
-  _globals['_ADAPTERS']._serialized_start=673
-  _globals['_ADAPTERS']._serialized_end=926
+  _globals['_UPLOADADAPTERCHUNK']._serialized_start=418
+  _globals['_UPLOADADAPTERCHUNK']._serialized_end=496
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=499
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=640
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=642
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=678
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=680
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=750
+  _globals['_ADAPTERS']._serialized_start=753
+  _globals['_ADAPTERS']._serialized_end=1088
 # @@protoc_insertion_point(module_scope)

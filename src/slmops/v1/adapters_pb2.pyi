@@ -52,6 +52,18 @@ class LoadAdapterRequest(_message.Message):
     sha256: str
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
+class UploadAdapterChunk(_message.Message):
+    __slots__ = ("name", "size", "sha256", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    sha256: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("adapter", "replaced", "previous_sha256", "load_ms", "unchanged")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class AdaptersStub:
                 request_serializer=slmops_dot_v1_dot_adapters__pb2.LoadAdapterRequest.SerializeToString,
                 response_deserializer=slmops_dot_v1_dot_adapters__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
+        self.UploadAdapter = channel.stream_unary(
+                '/slmops.v1.Adapters/UploadAdapter',
+                request_serializer=slmops_dot_v1_dot_adapters__pb2.UploadAdapterChunk.SerializeToString,
+                response_deserializer=slmops_dot_v1_dot_adapters__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
         self.UnloadAdapter = channel.unary_unary(
                 '/slmops.v1.Adapters/UnloadAdapter',
                 request_serializer=slmops_dot_v1_dot_adapters__pb2.UnloadAdapterRequest.SerializeToString,
@@ -70,6 +75,14 @@ class AdaptersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadAdapter(self, request_iterator, context):
+        """Uploads an adapter file in pieces and loads it, as LoadAdapter(data) does: for large files (one
+        huge message is copied whole, several times, while the server decodes). The first message names it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UnloadAdapter(self, request, context):
         """Unloads an adapter: new requests get NOT_FOUND at once, the call returns after in-flight ones drain.
         """
@@ -88,6 +101,11 @@ def add_AdaptersServicer_to_server(servicer, server):
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadAdapter,
                     request_deserializer=slmops_dot_v1_dot_adapters__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=slmops_dot_v1_dot_adapters__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=slmops_dot_v1_dot_adapters__pb2.UploadAdapterChunk.FromString,
                     response_serializer=slmops_dot_v1_dot_adapters__pb2.LoadAdapterResponse.SerializeToString,
             ),
             'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
@@ -150,6 +168,33 @@ class Adapters:
             target,
             '/slmops.v1.Adapters/LoadAdapter',
             slmops_dot_v1_dot_adapters__pb2.LoadAdapterRequest.SerializeToString,
+            slmops_dot_v1_dot_adapters__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/slmops.v1.Adapters/UploadAdapter',
+            slmops_dot_v1_dot_adapters__pb2.UploadAdapterChunk.SerializeToString,
             slmops_dot_v1_dot_adapters__pb2.LoadAdapterResponse.FromString,
             options,
             channel_credentials,
