@@ -115,7 +115,7 @@ def _registry(value: str | None) -> str | None:
 @click.option("--cpus", type=float, default=None, help="CPU limit, e.g. 2 or 1.5  [default: none]")
 @click.option("--read-only/--writable", "read_only", default=True,
               help="read-only root file system (writes go to a /tmp tmpfs only)")
-@click.option("--tmp-size", default="256m", metavar="SIZE", help="size of the /tmp tmpfs (uploaded adapters live there)")
+@click.option("--tmp-size", default="256m", metavar="SIZE", help="size of the /tmp tmpfs (the server's scratch space; uploaded adapters are held in memory, not written there)")
 @click.option("--log-max-size", default="10m", metavar="SIZE", help="rotate the server's log at this size")
 @click.option("--log-max-files", type=int, default=3, help="rotated log files kept")
 @click.option("--force", is_flag=True, help="redeploy even when the same image, bundle and options already run")

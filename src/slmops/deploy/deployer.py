@@ -73,7 +73,7 @@ class DeployOptions:
     memory: str | None = None  # e.g. "1g"; None: no limit
     cpus: float | None = None  # e.g. 2.0; None: no limit
     read_only: bool = True  # read-only root file system; /tmp is a tmpfs (adapter uploads)
-    tmp_size: str = "256m"  # size of that /tmp tmpfs (uploaded adapters live there)
+    tmp_size: str = "256m"  # size of that /tmp tmpfs (scratch space; uploaded adapters stay in memory)
     log_max_size: str = "10m"
     log_max_files: int = 3
     # Extra bind mounts on the host: (host path, container path, "ro" | "rw").
