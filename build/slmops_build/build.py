@@ -244,7 +244,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     from slmops_build.bundle_writer import base_model_info, write_manifest
     from slmops_build.export import check_lora_modules, covered_modules, export_base_model
     from slmops_build.quantize import check_precision
-    from slmops_build.validate import Bounds, BuildValidationError, can_run, validate_bundle
+    from slmops_build.validate import Bounds, BuildValidationError, can_run, other_arch, validate_bundle
 
     console = console or Console(stderr=True)
     started = time.time()
@@ -269,7 +269,8 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
         return out
     if config.validate_bundle and not config.allow_unverified:
         runnable, why = can_run(target)
-        if not runnable:  # fail before the export: nothing could check this bundle here
+        why = why if not runnable else other_arch(target) or ""
+        if why:  # fail before the export: this machine cannot check all of this bundle
             raise BuildValidationError([why], {"status": "unverified", "unverified": [why]}, status="unverified")
 
     timings: dict[str, float] = {}

@@ -13,8 +13,8 @@
   ``max_ppl_increase`` percent.
 
 The report's ``status`` is ``passed`` only when every check ran: a check that could not run (the
-target's execution provider is not on this machine, the run's eval data cannot be loaded, no
-run.json) makes it ``unverified``, with the reasons in ``unverified``; a check that ran and failed
+target's execution provider is not on this machine, the target is another CPU architecture whose
+kernels did not run here, the run's eval data cannot be loaded, no run.json) makes it ``unverified``, with the reasons in ``unverified``; a check that ran and failed
 makes it ``failed``.
 """
 
@@ -30,6 +30,7 @@ from slmops import contract
 from slmops.bundle import LoraTemplate
 from slmops.contract import DTYPE_OF_ONNX_TYPE as ONNX_TYPES
 from slmops.contract import read_genai_config as genai_config
+from slmops.platforms import host_arch
 from slmops.runrecord import RunRecordError, read_validation_rows
 from slmops.targets import Target
 from slmops_build.adapters import PeftAdapter
@@ -86,6 +87,20 @@ def check_adapter_file(path: Path, template: LoraTemplate) -> list[str]:
     """Problems of one ``.onnx_adapter`` against the bundle's ABI (empty = fits): slmops.contract's
     check, the one the server runs before it loads an adapter."""
     return [f"{path.name}: {problem}" for problem in contract.check_adapter_file(path, template).problems]
+
+
+def other_arch(target: Target) -> str | None:
+    """Why a bundle for another CPU architecture stays unverified here (None on its own architecture).
+
+    The functional and parity checks run this machine's onnxruntime kernels. A cpu-arm64 bundle
+    built on x86 has the same graph and weights, but on a board its int4 MatMuls run other kernels
+    (KleidiAI/SDOT int8-activation paths), so its answers there were not checked by this build.
+    """
+    here = host_arch()
+    if target.arch == here:
+        return None
+    return (f"{target.arch} kernels: the checks ran this machine's {here} onnxruntime kernels; the answers on "
+            f"{target.arch} were not checked (build on an {target.arch} machine to check them)")
 
 
 def can_run(target: Target) -> tuple[bool, str]:
@@ -380,6 +395,10 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
     if not increase <= bounds.max_ppl_increase:
         failures.append(f"perplexity {ppl_bundle:.3f} ({target.precision}) vs {ppl_fp32:.3f} (fp32): +{increase:.1f}% > {bounds.max_ppl_increase}%")
     report["functional"] = "ran"
+    report["kernels"] = host_arch()
+    other = other_arch(target)
+    if other:
+        unverified.append(other)
     return _finish(report, failures, started, unverified)
 
 

@@ -122,3 +122,27 @@ def test_unloadable_eval_data_is_unverified_not_passed(tiny_model_dir: Path, joy
     # a rebuild with nothing changed is up to date, and still refused without the flag
     code, err = _build(_args(tiny_model_dir, run, out), capsys)
     assert code == 1 and "bundle unverified" in err
+
+
+def test_a_bundle_for_another_architecture_is_unverified_not_passed(tiny_model_dir: Path, joy_run: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """cpu-arm64 built on x86 (or cpu built on arm64): every check runs, on this machine's kernels,
+    and the bundle says its own architecture's answers were not checked."""
+    from slmops.platforms import host_arch
+
+    monkeypatch.setenv("SLMOPS_BUILDER_IN_PROCESS", "1")
+    here = host_arch()
+    target, other = ("cpu", "amd64") if here == "arm64" else ("cpu-arm64", "arm64")
+    out = tmp_path / target
+    code, err = _build(_args(tiny_model_dir, joy_run, out, "--target", target), capsys)
+    assert code == 1 and "bundle unverified" in err and f"{other} kernels" in err, err
+    assert not out.exists()  # refused before the export
+
+    code, err = _build(_args(tiny_model_dir, joy_run, out, "--target", target, "--allow-unverified"), capsys)
+    assert code == 0, err
+    validation = read_manifest(out).validation
+    assert validation["status"] == "unverified" and not validation["passed"] and validation["kernels"] == here
+    assert [r for r in validation["unverified"] if r.startswith(f"{other} kernels")], validation["unverified"]
+    entry = validation["adapters"]["joy"]  # the checks themselves ran, here
+    assert validation["functional"] == "ran" and entry["bundle"] == 1.0 and entry["pytorch"] == 1.0
