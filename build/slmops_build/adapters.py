@@ -51,6 +51,7 @@ class PeftAdapter:
     def run_record(self) -> dict[str, Any] | None:
         return self.record
 
+
 def resolve_adapter_dir(path: str | Path, name: str = "") -> Path:
     """An adapter folder, or a train run folder holding ``adapter/`` (runs/tone -> runs/tone/adapter)."""
     path = Path(path).expanduser()

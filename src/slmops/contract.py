@@ -61,10 +61,6 @@ class LoraInputName:
         """The input name of this pair's ``side`` (``"A"`` or ``"B"``)."""
         return lora_input_name(self.layer, self.block, self.projection, side)
 
-    def side_name(self, side: str) -> str:
-        """The input name of this pair's ``side`` (``"A"`` or ``"B"``)."""
-        return lora_input_name(self.layer, self.block, self.projection, side)
-
 
 def lora_input_name(layer: int, block: str, projection: str, side: str) -> str:
     return f"model.layers.{layer}.{block}.{projection}.lora_{side}.MatMul.weight"
@@ -307,7 +303,7 @@ def adapted_modules(template: LoraTemplate, ranks: dict[str, dict[str, int]],
     rank = 0
     for prefix, pair in ranks.items():
         projection = prefix.rsplit(".", 1)[-1]
-        b = tensors.get(f"{prefix}.lora_B.MatMul.weight")  # lora_input_name's layout  # lora_input_name's layout
+        b = tensors.get(f"{prefix}.lora_B.MatMul.weight")  # lora_input_name's layout
         nonzero = b != 0 if b is not None else None
         found = False
         for member in template.projections.get(projection, []):
