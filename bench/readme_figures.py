@@ -137,10 +137,14 @@ def train_speed() -> str:
     runs = data["runs"]
     pairs = ", ".join(f"{a['s_per_step']} vs {b['s_per_step']}" for a, b in zip(runs["slmops"], runs["plain"], strict=True))
     threads = f"{data['threads']} thread(s) each" if data.get("threads") else "default threads"
-    return (f"`bench/results/train_cpu.json`: {data['adapter']} settings, {data['steps']} steps, {threads}, {data['repeats']} "
+    text = (f"`bench/results/train_cpu.json`: {data['adapter']} settings, {data['steps']} steps, {threads}, {data['repeats']} "
             f"interleaved subprocess runs per side: slmops {med['slmops']:.2f} s/step, plain Trainer+PEFT {med['plain']:.2f} s/step, "
             f"**{data['ratio_slmops_over_plain']:.2f}x** (runs in order: {pairs}); training tokens fed "
-            f"{runs['slmops'][0]['tokens']} vs {runs['plain'][0]['tokens']}.")
+            f"{runs['slmops'][0]['tokens']} vs {runs['plain'][0]['tokens']}")
+    if "trl" in med:
+        text += (f"; TRL's SFTTrainer (completion-only loss, no packing, fp32, no checkpointing) {med['trl']:.2f} s/step, "
+                 f"slmops/TRL **{data['ratio_slmops_over_trl']:.2f}x**, {runs['trl'][0]['tokens']} tokens fed")
+    return text + "."
 
 
 def batching() -> str:
