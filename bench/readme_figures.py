@@ -147,6 +147,14 @@ def train_speed() -> str:
     return text + "."
 
 
+def first_run() -> str:
+    """Where the first `make bundle` spends its time (demo_cpu.json's timings, bench/demo_report.py)."""
+    data = _load("demo_cpu.json")
+    rows = ["| step | seconds |", "|---|---|"]
+    rows += [f"| {name} | {seconds:.0f} |" for name, seconds in data["timings"].items()]
+    return "`bench/results/demo_cpu.json`:\n\n" + "\n".join(rows)
+
+
 def batching() -> str:
     """Continuous batching: streams x adapters, lone stream vs og, TTFT, parity (bench/bench_batching.py)."""
     sys.path.insert(0, str(REPO / "bench"))
@@ -157,7 +165,8 @@ def batching() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "batching": batching,
-    "lora-speed": lora_speed, "lora-quality": lora_quality, "demo": demo_figures, "train-speed": train_speed,
+    "lora-speed": lora_speed, "lora-quality": lora_quality, "demo": demo_figures, "first-run": first_run,
+    "train-speed": train_speed,
 }
 
 

@@ -305,7 +305,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
 
             t0 = time.time()
             if config.validate_bundle:
-                console.print("validating the bundle (onnxruntime-genai vs PyTorch)")
+                console.print("validating the bundle (slmops.runtime vs PyTorch)")
                 bounds = Bounds(rows=config.validate_rows, max_accuracy_drop=config.max_accuracy_drop,
                                 max_ppl_increase=config.max_ppl_increase, max_new_tokens=config.validate_max_new_tokens)
                 validation = validate_bundle(tmp, model_dir, template, target, onnx_adapters, bounds,
