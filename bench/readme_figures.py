@@ -65,13 +65,19 @@ def lora_speed() -> str:
     return caption + "\n\n" + "\n".join(rows) + note
 
 
+def _test_rows(source: str) -> bool:
+    """Whether a validation entry's ``eval_source`` names the test split: ``runs/tone (test)`` (run.json v1)
+    or ``tone/validation/test.jsonl (test split 'test')`` (v2)."""
+    return source.endswith("(test)") or "(test split " in source
+
+
 def _quality_source() -> tuple[str, dict[str, Any], bool]:
     """(file, data, on test rows?): `make bench-lora`'s lora_cpu.json when it scored test rows, else the peers run."""
     for name in ("lora_cpu.json", "lora_peers_cpu.json"):
         if (RESULTS / name).is_file():
             data = _load(name)
             adapters = data.get("quality", {}).get("adapters", {})
-            on_test = bool(adapters) and all(str(a.get("eval_source", "")).endswith("(test)") for a in adapters.values())
+            on_test = bool(adapters) and all(_test_rows(str(a.get("eval_source", ""))) for a in adapters.values())
             if on_test or name == "lora_peers_cpu.json":
                 return name, data, on_test
     raise FileNotFoundError("no bench/results/lora_cpu.json or lora_peers_cpu.json")
