@@ -72,14 +72,20 @@ def _test_rows(source: str) -> bool:
 
 
 def _quality_source() -> tuple[str, dict[str, Any], bool]:
-    """(file, data, on test rows?): `make bench-lora`'s lora_cpu.json when it scored test rows, else the peers run."""
-    for name in ("lora_cpu.json", "lora_peers_cpu.json"):
+    """(file, data, on test rows?): the first of the peers run (it adds llama.cpp's column) and `make
+    bench-lora`'s lora_cpu.json that scored the test rows, else whichever exists."""
+    found: list[tuple[str, dict[str, Any], bool]] = []
+    for name in ("lora_peers_cpu.json", "lora_cpu.json"):
         if (RESULTS / name).is_file():
             data = _load(name)
             adapters = data.get("quality", {}).get("adapters", {})
             on_test = bool(adapters) and all(_test_rows(str(a.get("eval_source", ""))) for a in adapters.values())
-            if on_test or name == "lora_peers_cpu.json":
-                return name, data, on_test
+            found.append((name, data, on_test))
+    for entry in found:
+        if entry[2]:
+            return entry
+    if found:
+        return found[0]
     raise FileNotFoundError("no bench/results/lora_cpu.json or lora_peers_cpu.json")
 
 
