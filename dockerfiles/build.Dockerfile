@@ -21,10 +21,9 @@ RUN --mount=type=bind,source=wheelhouse/deps,target=/wheelhouse \
     --mount=type=bind,source=dockerfiles/precompile.py,target=/tmp/precompile.py \
     /opt/pip/bin/python -m pip --python /opt/venv/bin/python install --no-index --no-deps --no-compile \
         --find-links /wheelhouse -r /wheelhouse/requirements-build.txt \
-    && /opt/venv/bin/python /tmp/precompile.py torch transformers:Trainer transformers:TrainingArguments \
+    && /opt/venv/bin/python /tmp/precompile.py torch \
         transformers:AutoModelForCausalLM transformers:AutoTokenizer transformers.models.llama.modeling_llama peft \
-        datasets accelerate gguf safetensors.torch rouge_score.rouge_scorer sacrebleu optuna matplotlib.pyplot \
-        torch.utils.tensorboard \
+        accelerate gguf safetensors.torch rouge_score.rouge_scorer \
         onnx onnx_ir onnxruntime onnxruntime_genai onnxruntime_genai.models.builder
 
 FROM ${BASE_IMAGE} AS build
@@ -43,7 +42,7 @@ RUN --mount=type=bind,from=builder,source=/opt/pip,target=/opt/pip \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
     /opt/pip/bin/python -m pip --python /opt/venv/bin/python install --no-index --no-deps --no-cache-dir \
         --no-compile /project/slmops-*.whl \
-    && /opt/venv/bin/python /tmp/precompile.py slmops.cli slmops_train.cli slmops_train.recipe slmops_build.cli slmops_build.build \
+    && /opt/venv/bin/python /tmp/precompile.py slmops.cli slmops_build.cli slmops_build.build \
         slmops_build.export slmops_build.adapters slmops_build.validate slmops_build.bundle_cli
 COPY dockerfiles/entrypoint.py /usr/local/lib/slmops/
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8 \
