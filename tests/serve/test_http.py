@@ -533,14 +533,10 @@ def test_a_taken_http_port_is_one_line_naming_the_option(tiny_bundle: Path) -> N
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test certificate")
-def test_tls_serves_https_on_the_http_port(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_tls_serves_https_on_the_http_port(tiny_bundle: Path, tls_cert: tuple[Path, Path]) -> None:
     import httpx2
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = tls_cert
     with running_server(tiny_bundle, tls_cert=str(cert), tls_key=str(key), http_port=0, metrics_port=None, max_batch=1) as srv:
         client = openai.OpenAI(base_url=f"https://localhost:{srv.http_port}/v1", api_key="x", max_retries=0,
                                http_client=httpx2.Client(verify=str(cert)))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import subprocess
 import threading
 import time
 import urllib.request
@@ -141,14 +139,10 @@ def test_adapters_service_requires_the_admin_token(server: Any) -> None:
         assert {"tone", "extract"} <= {a.name for a in admin.list_adapters()}
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test certificate")
-def test_tls(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_tls(tiny_bundle: Path, tls_cert: tuple[Path, Path]) -> None:
     from slmops_serve.client import SlmopsClient
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = tls_cert
     with running_server(tiny_bundle, tls_cert=str(cert), tls_key=str(key), max_batch=1) as srv:
         with SlmopsClient(f"localhost:{srv.port}", ca_cert=str(cert), token=ADMIN_TOKEN) as client:
             assert client.generate(PROMPT, max_new_tokens=3).usage.completion_tokens == 3
