@@ -83,16 +83,9 @@ def run_plain(adapter: str, steps: int, work: Path) -> dict[str, Any]:
     fed = {"tokens": 0, "padded": 0}
     counting_collate = counting(DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100), fed)
 
-    args = TrainingArguments(output_dir=str(work / "plain"), max_steps=steps, per_device_train_batch_size=config.per_device_train_batch_size,
-                             learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-                             warmup_steps=config.warmup_steps, logging_steps=config.logging_steps, save_strategy="no",
-                             report_to="none", disable_tqdm=True, seed=config.seed, data_seed=config.seed, use_cpu=True)
+    args = TrainingArguments(output_dir=str(work / "plain"), **trainer_args(config, steps))
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), data_collator=counting_collate)
-    started = time.time()
-    trainer.train()
-    seconds = time.time() - started
-    return {"s_per_step": round(seconds / steps, 4), "steps": trainer.state.global_step, "train_s": round(seconds, 2),
-            "tokens": fed["tokens"], "padded_tokens": fed["padded"]}
+    return timed_train(trainer, steps, fed)
 
 
 def conversations(config: Any) -> list[tuple[list[dict[str, str]], str]]:
@@ -119,15 +112,27 @@ def counting(collate: Any, fed: dict[str, int]) -> Any:
     """``collate`` that also counts the real and padded tokens it fed."""
     def counting_collate(features: list[dict[str, Any]]) -> Any:
         batch = collate(features)
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            fed["tokens"] += int(mask.sum())
-            fed["padded"] += int(mask.numel())
-        else:  # padding-free batches: one flattened row, no padding
-            fed["tokens"] += int(batch["input_ids"].numel())
-            fed["padded"] += int(batch["input_ids"].numel())
+        fed["tokens"] += int(batch["attention_mask"].sum())
+        fed["padded"] += int(batch["attention_mask"].numel())
         return batch
     return counting_collate
+
+
+def trainer_args(config: Any, steps: int) -> dict[str, Any]:
+    """The TrainingArguments both textbook sides share: the demo config's optimizer settings, no saving."""
+    return {"max_steps": steps, "per_device_train_batch_size": config.per_device_train_batch_size,
+            "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
+            "warmup_steps": config.warmup_steps, "logging_steps": config.logging_steps, "save_strategy": "no",
+            "report_to": "none", "disable_tqdm": True, "seed": config.seed, "data_seed": config.seed, "use_cpu": True}
+
+
+def timed_train(trainer: Any, steps: int, fed: dict[str, int]) -> dict[str, Any]:
+    """``trainer.train()`` wall time per step, and the tokens its collator fed."""
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    return {"s_per_step": round(seconds / steps, 4), "steps": trainer.state.global_step, "train_s": round(seconds, 2),
+            "tokens": fed["tokens"], "padded_tokens": fed["padded"]}
 
 
 def run_trl(adapter: str, steps: int, work: Path) -> dict[str, Any]:
@@ -148,21 +153,14 @@ def run_trl(adapter: str, steps: int, work: Path) -> dict[str, Any]:
             for messages, answer in conversations(config)]
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.use_cache = False
-    args = SFTConfig(output_dir=str(work / "trl"), max_steps=steps, per_device_train_batch_size=config.per_device_train_batch_size,
-                     learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-                     warmup_steps=config.warmup_steps, logging_steps=config.logging_steps, save_strategy="no",
-                     report_to="none", disable_tqdm=True, seed=config.seed, data_seed=config.seed, use_cpu=True,
+    args = SFTConfig(output_dir=str(work / "trl"), **trainer_args(config, steps),
                      max_length=config.max_seq_len, completion_only_loss=True, packing=False,
                      bf16=False, gradient_checkpointing=False)  # TRL's defaults are bf16 + checkpointing; ours fp32, none
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora_config(config))
     fed = {"tokens": 0, "padded": 0}
     trainer.data_collator = counting(trainer.data_collator, fed)
-    started = time.time()
-    trainer.train()
-    seconds = time.time() - started
-    return {"s_per_step": round(seconds / steps, 4), "steps": trainer.state.global_step, "train_s": round(seconds, 2),
-            "tokens": fed["tokens"], "padded_tokens": fed["padded"]}
+    return timed_train(trainer, steps, fed)
 
 
 def child(variant: str, adapter: str, steps: int) -> None:
