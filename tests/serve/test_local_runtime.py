@@ -89,3 +89,20 @@ def test_the_container_probe_records_each_steps_logits(tiny_bundle: Path, local:
         assert row["tokens"] == [int(np.argmax(step)) for step in row["logits"]]
         ids = local.codec.encode(PROMPT)
         assert row["tokens"] == local.generate(ids, 5, adapter=row["adapter"] or None, stop_at_eos=False)
+
+
+def test_a_replaced_adapter_runs_its_new_weights(tiny_bundle: Path) -> None:
+    """Loading other weights under a name the model already ran must not leave the old ones cached."""
+    from slmops.bundle import read_manifest
+    from slmops.runtime import LocalModel
+
+    manifest = read_manifest(tiny_bundle)
+    model = LocalModel(tiny_bundle / "model", manifest.lora_template, threads=1)
+    ids = model.codec.encode(PROMPT)
+    model.load_adapter("x", tiny_bundle / "adapters" / "tone.onnx_adapter")
+    tone = model.last_logits(ids, "x")
+    model.load_adapter("x", tiny_bundle / "adapters" / "extract.onnx_adapter")
+    model.load_adapter("extract", tiny_bundle / "adapters" / "extract.onnx_adapter")
+    replaced = model.last_logits(ids, "x")
+    assert abs(replaced - tone).max() > 1e-3
+    assert abs(replaced - model.last_logits(ids, "extract")).max() < 1e-5

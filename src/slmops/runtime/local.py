@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from slmops.bundle import LoraTemplate
-from slmops.contract import adapter_problems, read_adapter_tensors
+from slmops.contract import check_adapter_file
 from slmops.runtime.runner import ModelRunner
 from slmops.runtime.text import Sampler, TextCodec
 
@@ -56,7 +56,6 @@ class LocalModel:
         self.eos_ids = set(self.runner.info.eos_ids)
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
         self._codec: TextCodec | None = None
-        self._feeds: dict[str, dict[str, np.ndarray]] = {}
 
     @property
     def codec(self) -> TextCodec:
@@ -73,17 +72,15 @@ class LocalModel:
             ValueError: the file does not fit this model's adapter ABI (the problems, listed).
         """
         started = time.perf_counter()
-        tensors = read_adapter_tensors(path)
-        problems = adapter_problems(tensors, self.template).problems
-        if problems:
-            raise ValueError(f"{Path(path).name}: " + "; ".join(problems))
+        check = check_adapter_file(path, self.template)
+        if check.problems:
+            raise ValueError(f"{Path(path).name}: " + "; ".join(check.problems))
         self.unload_adapter(name)
-        self.adapters[name] = tensors
+        self.adapters[name] = check.tensors
         return (time.perf_counter() - started) * 1000
 
     def unload_adapter(self, name: str) -> None:
         if self.adapters.pop(name, None) is not None:
-            self._feeds.pop(name, None)
             self.runner.forget({name})
 
     def _lora(self, adapter: str | None) -> tuple[dict[str, np.ndarray], Any]:
@@ -91,11 +88,8 @@ class LocalModel:
             return {}, None
         if adapter not in self.adapters:
             raise KeyError(f"adapter '{adapter}' is not loaded (loaded: {sorted(self.adapters) or 'none'})")
-        feeds = self._feeds.get(adapter)
-        if feeds is None:
-            assert self.runner.bank is not None  # an adapter loaded, so the template has LoRA inputs
-            feeds = self._feeds[adapter] = self.runner.bank.feeds([(adapter, self.adapters[adapter])])
-        return feeds, adapter
+        assert self.runner.bank is not None  # an adapter loaded, so the template has LoRA inputs
+        return self.runner.bank.feeds([(adapter, self.adapters[adapter])]), adapter
 
     # ---- generation ---------------------------------------------------------------------------
     def stream(self, ids: Sequence[int], max_new_tokens: int, adapter: str | None = None,

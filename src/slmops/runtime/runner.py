@@ -321,8 +321,13 @@ class ModelRunner:
         return np.asarray(logits[:, 0], np.float32)
 
     def forget(self, keys: set[Any]) -> None:
-        """Drop cached feeds that hold any of the adapter ``keys`` (they were unloaded)."""
-        for key in [k for k in self._static if isinstance(k[2], tuple) and keys & set(k[2])]:
+        """Drop cached feeds that hold any of the adapter ``keys`` (they were unloaded or replaced).
+
+        A ``lora_key`` is one adapter's key or a tuple of them (a step's adapters)."""
+        def holds(lora_key: Any) -> bool:
+            return bool(keys & set(lora_key)) if isinstance(lora_key, tuple) else lora_key in keys
+
+        for key in [k for k in self._static if holds(k[2])]:
             del self._static[key]
         if self.bank is not None:
             for key in keys:
