@@ -34,13 +34,14 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_same_arrays_as_onnxruntime(adapter: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from slmops.adapter_format import read_adapter_bytes, read_adapter_file
+    from slmops.adapter_format import read_adapter_bytes
+    from slmops.contract import read_adapter_tensors
 
     half = write_adapter({"x": np.arange(12, dtype=np.float16).reshape(3, 4), "empty": np.zeros((0, 5), np.float32),
                           "i": np.array([1, -2], np.int64)}, tmp_path / "h.onnx_adapter")
     for path in (adapter, half):
         ref = ort_read(path)
-        got = read_adapter_file(path)
+        got = read_adapter_tensors(path)
         assert ref is not None and sorted(ref) == sorted(got)
         for name, array in ref.items():
             assert got[name].dtype == array.dtype and got[name].shape == array.shape

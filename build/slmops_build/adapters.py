@@ -48,9 +48,6 @@ class PeftAdapter:
     def alpha(self) -> float:
         return float(self.config.get("lora_alpha", self.rank))
 
-    def run_record(self) -> dict[str, Any] | None:
-        return self.record
-
 
 def resolve_adapter_dir(path: str | Path, name: str = "") -> Path:
     """An adapter folder, or a train run folder holding ``adapter/`` (runs/tone -> runs/tone/adapter)."""

@@ -37,9 +37,11 @@ def inspect_command(bundle_dir: Path, as_json: bool) -> None:
 def verify_bundle(bundle_dir: Path, load: bool = True) -> tuple[list[str], list[str]]:
     """(problems, notes): re-hash every file, check the ABI and every adapter, then load the model
     and every adapter with the server's runtime and decode a token with each."""
+    import hashlib
+
     from slmops import contract
+    from slmops.adapter_format import read_file
     from slmops.bundle import BundleError, read_manifest, verify_files
-    from slmops.fsutil import sha256_file
     from slmops_build.export import read_template, shape_fits
 
     notes: list[str] = []
@@ -70,9 +72,10 @@ def verify_bundle(bundle_dir: Path, load: bool = True) -> tuple[list[str], list[
         if not path.is_file():
             problems.append(f"adapter {name}: {info.file} missing")
             continue
-        if sha256_file(path) != info.sha256:
+        data = read_file(path)  # hashed and checked from one read
+        if hashlib.sha256(data).hexdigest() != info.sha256:
             problems.append(f"adapter {name}: sha256 differs from bundle.json")
-        problems += [f"adapter {name}: {p}" for p in contract.check_adapter_file(path, template).problems]
+        problems += [f"adapter {name}: {p}" for p in contract.check_adapter_bytes(data, template).problems]
     if problems or not load:
         return problems, notes
     import onnxruntime as ort

@@ -124,7 +124,7 @@ def eval_set(adapter: PeftAdapter | None, tokenizer: Any, bounds: Bounds) -> Eva
     """The adapter's eval (or test) rows as its train run rendered them, or generic prompts without a run."""
     fallback = EvalSet(prompts=FALLBACK_TEXTS[:2], references=[], label_task=False, chat=False,
                        max_new_tokens=bounds.max_new_tokens or 16, source="fallback", texts=list(FALLBACK_TEXTS))
-    record = adapter.run_record() if adapter else None
+    record = adapter.record if adapter else None
     if adapter is None or adapter.run_dir is None or record is None:
         fallback.skipped = "no run.json beside the adapter: accuracy parity skipped"
         return fallback

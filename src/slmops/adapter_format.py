@@ -162,7 +162,3 @@ def read_file(path: Any, chunk: int = 8 << 20) -> Any:
         rest = f.read()  # the file grew while it was read
     return np.concatenate([buf, np.frombuffer(rest, np.uint8)]) if rest else buf
 
-
-def read_adapter_file(path: Any) -> dict[str, Any]:
-    """:func:`read_adapter_bytes` of the file at ``path``."""
-    return read_adapter_bytes(read_file(path))

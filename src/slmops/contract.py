@@ -33,10 +33,6 @@ def adapter_name_problem(name: str) -> str | None:
     return f"'{name}' is not a valid adapter name; {ADAPTER_NAME_RULE}"
 
 
-def is_adapter_name(name: str) -> bool:
-    return adapter_name_problem(name) is None
-
-
 # ---- LoRA graph inputs --------------------------------------------------------------------------
 # model.layers.3.attn.qkv_proj.lora_A.MatMul.weight: layer, block (attn|mlp), projection, A|B
 LORA_INPUT_RE = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.MatMul\.weight$")
@@ -198,9 +194,9 @@ def read_adapter_tensors(path: str | Path) -> dict[str, Any]:
     Raises:
         AdapterFormatError: a file that is not one (see :mod:`slmops.adapter_format`, which reads
             it a tensor at a time instead of onnxruntime's one GIL-holding call)."""
-    from slmops.adapter_format import read_adapter_file
+    from slmops.adapter_format import read_adapter_bytes, read_file
 
-    return read_adapter_file(path)
+    return read_adapter_bytes(read_file(path))
 
 
 @dataclass

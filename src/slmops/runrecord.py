@@ -13,6 +13,7 @@ Light on purpose (standard library only): the build image reads it without the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +54,13 @@ def read_run_record(run_dir: str | Path, option: str = "--adapter") -> dict[str,
 
 def write_validation_rows(run_dir: Path, split: str, rows: list[dict[str, str]]) -> dict[str, Any]:
     """Write ``validation/<split>.jsonl``; return its run.json entry (file relative to the run)."""
-    from slmops.fsutil import sha256_file
-
     rel = f"{VALIDATION_DIR}/{split}.jsonl"
     path = run_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps({"prompt": row["prompt"], "reference": row["reference"], "text": row["text"]},
-                                ensure_ascii=False) + "\n")
-    return {"file": rel, "rows": len(rows), "sha256": sha256_file(path)}
+    data = "".join(json.dumps({"prompt": row["prompt"], "reference": row["reference"], "text": row["text"]},
+                              ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    path.write_bytes(data)
+    return {"file": rel, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @dataclass
@@ -84,15 +82,14 @@ def read_validation_rows(run_dir: str | Path, record: dict[str, Any], split: str
 
     Raises RunRecordError when the rows are listed but cannot be read (moved, corrupt, edited).
     """
-    from slmops.fsutil import sha256_file
-
     section = record.get("validation") or {}
     entry = (section.get("splits") or {}).get(split)
     if not entry:
         return None
     path = Path(run_dir) / str(entry["file"])
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
+        lines = raw.decode("utf-8").splitlines()
         rows = [json.loads(line) for line in lines if line.strip()]
         prompts = [str(r["prompt"]) for r in rows]
         references = [str(r["reference"]) for r in rows]
@@ -101,7 +98,7 @@ def read_validation_rows(run_dir: str | Path, record: dict[str, Any], split: str
         # an OSError's text would name this machine's folders: its reason only
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:120]
         raise RunRecordError(f"{entry['file']} cannot be read ({type(exc).__name__}: {reason})") from exc
-    digest = sha256_file(path)
+    digest = hashlib.sha256(raw).hexdigest()
     if entry.get("sha256") and digest != entry["sha256"]:
         raise RunRecordError(f"{entry['file']} does not match its sha256 in {RUN_JSON} (edited after training?)")
     name = record.get("name") or Path(run_dir).name
