@@ -268,8 +268,8 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
         console.print(f"[green]up to date[/] {out} (build key {key[:12]}); nothing to do")
         return out
     if config.validate_bundle and not config.allow_unverified:
-        runnable, why = can_run(target)
-        why = why if not runnable else other_arch(target) or ""
+        _, why = can_run(target)  # a reason when the target's provider is not here, else ""
+        why = why or other_arch(target) or ""
         if why:  # fail before the export: this machine cannot check all of this bundle
             raise BuildValidationError([why], {"status": "unverified", "unverified": [why]}, status="unverified")
 
