@@ -12,11 +12,12 @@ export TOKENIZERS_PARALLELISM ?= false
 # images, wheelhouse, base image; IN_DOCKER=1 runs train/build inside their images
 include mk/docker.mk
 
-.PHONY: install test test-fast lint train model bundle serve protos clean help build bench-serve bench-lora bench-peers bench-batching
+.PHONY: install test test-fast lint train model bundle serve protos clean help build bench-serve bench-lora bench-peers bench-batching figures
 
 help:
 	@echo "make install | test | test-fast | lint | model | train | bundle TARGET=cpu | serve TARGET=cpu | protos | clean"
 	@echo "     wheelhouse | base-image | images [OFFLINE=1] [BUNDLE=dir] | bundle IN_DOCKER=1 [OFFLINE=1]"
+	@echo "     bench-lora | bench-batching | bench-serve | bench-peers (results: bench/results/*.new.json) | figures"
 
 # torch is pinned to the local CPU wheel; the GGUF package is installed without its
 # llama-cpp/llm dependencies (we only need its model file).
@@ -55,8 +56,8 @@ runs/%/run.json: examples/train.yaml examples/%/train.jsonl examples/%/eval.json
 BUNDLE_DIR := dist/bundles/$(TARGET)
 # A bundle for the other CPU architecture (cpu-arm64 on x86) is validated with this machine's
 # kernels: bundle.json says `unverified` with that reason, and make lets it be written.
-HOST_ARCH := $(shell uname -m)
-CROSS_ARCH := $(if $(filter cpu-arm64,$(TARGET)),$(filter-out aarch64 arm64,$(HOST_ARCH)))
+# (mk/docker.mk's HOST_ARCH is amd64/arm64, the name images use; this Makefile must not redefine it.)
+CROSS_ARCH := $(if $(filter cpu-arm64,$(TARGET)),$(filter-out arm64,$(HOST_ARCH)))
 bundle: train
 	$(SLMOPS_BUILD_CMD) build --target $(TARGET) --adapter tone=runs/tone --adapter extract=runs/extract \
 		--output_path $(BUNDLE_DIR) --overwrite $(if $(CROSS_ARCH),--allow-unverified)
@@ -87,15 +88,29 @@ bench-lora: install
 	$(PY) bench/bench_lora.py $(BUNDLE_DIR) --out bench/results/lora_$(TARGET).json
 
 LLAMA_CPP_VERSION := 0.3.36
-LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
+# llama.cpp's CPU instruction sets, explicit: the ones /proc/cpuinfo lists, and never AMX. The native
+# default (GGML_NATIVE=ON) let it use AMX on machines that report AMX but fault on it: bench-peers
+# segfaulted (../shared/design/facts.md). Override with LLAMA_CMAKE_ARGS=...
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+ggml_isa = -DGGML_$(1)=$(if $(filter $(2),$(CPU_FLAGS)),ON,OFF)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF $(call ggml_isa,AVX,avx) $(call ggml_isa,AVX2,avx2) $(call ggml_isa,FMA,fma) \
+	$(call ggml_isa,F16C,f16c) $(call ggml_isa,AVX512,avx512f) $(call ggml_isa,AVX512_VNNI,avx512_vnni) \
+	$(call ggml_isa,AVX512_BF16,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# The stamp names the flags: other flags (or a build from before them) rebuild.
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 # llama-cpp-python builds llama.cpp from source; its sdist also carries convert_lora_to_gguf.py,
-# which bench-peers uses to convert the PEFT adapters (llama.cpp's own converter).
+# which bench-peers uses to convert the PEFT adapters (llama.cpp's own converter). --no-cache-dir:
+# pip's wheel cache would hand back a wheel built with other flags.
 $(LLAMA_STAMP): $(STAMP)
 	rm -rf $(VENV)/llama-src && mkdir -p $(VENV)/llama-src
 	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(VENV)/llama-src
 	tar xzf $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/llama-src \
 		--wildcards '*/vendor/llama.cpp/convert_*.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
-	$(PY) -m pip install -q $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	$(PY) -m pip install -q "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3"   # its dependencies
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir --force-reinstall --no-deps \
+		$(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'built with: $(LLAMA_CMAKE_ARGS)')"
+	rm -f $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)*
 	touch $(LLAMA_STAMP)
 
 bench-peers: $(LLAMA_STAMP)
@@ -103,6 +118,12 @@ bench-peers: $(LLAMA_STAMP)
 	$(PY) bench/bench_lora.py $(BUNDLE_DIR) --peers \
 		--llama-convert $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp \
 		--out bench/results/lora_peers_$(TARGET).json
+
+# A benchmark run writes bench/results/NAME.new.json beside the committed NAME.json (the README's
+# figures are rendered from the committed files, and `make test` checks that they agree), so it
+# never breaks `make test`. Making a run's results the README's is this explicit step:
+figures: install
+	$(PY) bench/readme_figures.py --accept
 
 clean:
 	rm -rf runs dist .pytest_cache .mypy_cache .ruff_cache

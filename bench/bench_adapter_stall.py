@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--label", default="", help="a label stored in the JSON (e.g. the code version measured)")
     args = parser.parse_args(argv)
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
 
     from slmops_serve.config import ServeConfig
     from slmops_serve.server import SlmopsServer
@@ -233,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         }
     print(json.dumps(summary, indent=1))
     if args.out:
-        existing = json.loads(args.out.read_text()) if args.out.exists() else {}
+        from readme_figures import committed_of
+
+        base = args.out if args.out.exists() else committed_of(args.out)  # adds to the committed runs
+        existing = json.loads(base.read_text()) if base.exists() else {}
         existing[args.label or "run"] = report
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(existing, indent=1) + "\n")

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import REPO, ServerProcess, free_port, pct, versions  # noqa: E402
+from bench_serve import REPO, ServerProcess, free_port, pct, start_tied, versions  # noqa: E402
 from og_reference import OgReference  # noqa: E402
 from synthetic import synthetic_adapter  # noqa: E402
 
@@ -150,7 +150,7 @@ class LlamaServer:
         for lora in loras:
             args += ["--lora", str(lora)]
         self.log = open(work / "llama-server.log", "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = start_tied(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only the parity check on BUNDLE and add it to this existing results JSON")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "batching.json")
     args = parser.parse_args(argv)
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
 
     from rich.console import Console
     from slmops_serve.client import SlmopsClient

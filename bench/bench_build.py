@@ -85,6 +85,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/bench_build.json")
     parser.add_argument("--keep", default=None, help="keep the exported models in this folder")
     args = parser.parse_args()
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
 
     from dataclasses import replace
 

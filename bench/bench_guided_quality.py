@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "guided_quality_cpu.json")
     args = parser.parse_args(argv)
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
 
     from rouge_score import rouge_scorer
     from slmops_serve.config import ServeConfig

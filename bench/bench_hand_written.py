@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_hand_written.py --out bench/results/hand_written_cpu.json
 
-1. progress: slmops.deploy.progress.Progress vs rich.progress (already a dependency) counting the
+1. progress: slmops_ops.deploy.progress.Progress vs rich.progress (already a dependency) counting the
    same 20,000 chunks of 64 KiB (a 1.3 GB image stream): seconds spent in the progress code, and
    the lines a non-terminal (CI log, pipe) gets during a 3 s transfer.
 2. watcher: slmops_serve.watch.AdapterWatcher (polling) vs watchfiles (inotify, and its
@@ -49,7 +49,7 @@ def cpu_s() -> float:
 
 # ---- 1. progress --------------------------------------------------------------------------------
 def ours_progress(stream: Any, chunks: int, pause: float = 0.0) -> float:
-    from slmops.deploy.progress import Progress
+    from slmops_ops.deploy.progress import Progress
 
     started = time.perf_counter()
     with Progress("image x -> host", chunks * len(CHUNK), stream, interval=0.2 if stream.isatty() else 1.0) as p:
@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", choices=("progress", "watch", "logs"), action="append")
     args = parser.parse_args(argv)
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
     parts = args.only or ["progress", "watch", "logs"]
     report: dict[str, Any] = {"loadavg_start": os.getloadavg(),
                               "versions": versions(("rich", "watchfiles", "anyio", "python-json-logger"))}
@@ -244,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["watch"], indent=1), flush=True)
     report["loadavg_end"] = os.getloadavg()
     if args.out:
-        existing = json.loads(args.out.read_text()) if args.out.exists() else {}
+        from readme_figures import committed_of
+
+        base = args.out if args.out.exists() else committed_of(args.out)  # adds to the committed runs
+        existing = json.loads(base.read_text()) if base.exists() else {}
         existing.update(report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(existing, indent=1) + "\n")

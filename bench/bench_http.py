@@ -1,6 +1,6 @@
 """HTTP (OpenAI-compatible) vs gRPC on one `slmops serve` process: the cost of the HTTP stack.
 
-    .venv/bin/python bench/bench_http.py dist/bundles/cpu --out bench/results/http_cpu.json
+    .venv/bin/python bench/bench_http.py dist/bundles/cpu    # -> bench/results/http_cpu.new.json
 
 Runs `slmops serve BUNDLE --http-port` as a subprocess and measures, interleaved in one run (the
 order alternates every repeat, so drift on a shared machine hits both sides alike):
@@ -38,7 +38,7 @@ EXTRACT_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "m
 GOALS = {"http_over_grpc": 0.95, "guided_over_unguided": 0.9}
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_serve import free_port  # noqa: E402
+from bench_serve import free_port, start_tied  # noqa: E402
 from bench_serve import versions as serve_versions  # noqa: E402
 
 
@@ -57,8 +57,8 @@ class Server:
         if threads:
             args += ["--threads", str(threads)]
         self.log = log.open("w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "SLMOPS_ADMIN_TOKEN": ""})
+        self.proc = start_tied(args, stdout=self.log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "SLMOPS_ADMIN_TOKEN": ""})
 
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -253,8 +253,14 @@ def main(argv: list[str] | None = None) -> int:
                         "bundle lacks it; '' = the base)")
     parser.add_argument("--skip-guided", action="store_true")
     parser.add_argument("--guided-rows", type=int, default=10, help="extract eval rows for the guided run")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "http.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON  [default: bench/results/http_<bundle folder name>.new.json, beside the README's]")
     args = parser.parse_args(argv)
+    args.out = args.out or REPO / "bench" / "results" / f"http_{args.bundle.resolve().name}.json"
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
 
     import openai
     from slmops_serve.client import SlmopsClient

@@ -282,6 +282,10 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the baseline graphs (kept; default: a temp folder)")
     parser.add_argument("--out", default="bench/results/lora.json")
     args = parser.parse_args()
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
 
     from slmops_build.validate import quiet_transformers
     from transformers import AutoTokenizer

@@ -50,6 +50,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this child when the process that started it dies, however it dies."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def start_tied(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Popen for a server a bench starts (``slmops serve``, llama-server): it is stopped with the
+    bench however the bench ends. A ``finally`` covers exceptions and Ctrl-C; a crash of the bench
+    process (a segfault in a native peer, SIGKILL) runs no Python code, so on Linux the child asks
+    the kernel for SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), and an atexit hook
+    terminates it on a plain exit that skipped the bench's own stop()."""
+    import atexit
+
+    proc = subprocess.Popen(args, preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kwargs)
+
+    def _stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    atexit.register(_stop)
+    return proc
+
+
 SERVE_PACKAGES = ("slmops", "onnxruntime", "onnxruntime-genai", "grpcio", "protobuf", "torch", "transformers", "peft")
 
 
@@ -98,7 +129,7 @@ class ServerProcess:
             args += ["--threads", str(threads)]
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "SLMOPS_ADMIN_TOKEN": ""}
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = start_tied(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, client: Any, timeout: float = 300) -> None:
         import grpc
@@ -296,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers+PEFT comparison (no torch import)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = parser.parse_args(argv)
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
 
     from slmops_serve.client import SlmopsClient
     from slmops_serve.engine import session_threads

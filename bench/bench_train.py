@@ -179,6 +179,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results JSON")
     parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
     if args.child:
         child(args.child, args.adapter, args.steps)
         return

@@ -58,6 +58,10 @@ def main() -> None:
     parser.add_argument("--scores", type=Path, action="append", default=[], help="bench/score_run.py JSON (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_cpu.json"))
     args = parser.parse_args()
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
     scores: dict[str, Any] = {}
     for path in args.scores:
         scores.update(json.loads(path.read_text()))

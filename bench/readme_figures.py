@@ -5,12 +5,19 @@ written only by this script, so every number in it comes from a file under bench
 
     .venv/bin/python bench/readme_figures.py           # rewrite the blocks
     .venv/bin/python bench/readme_figures.py --check   # exit 1 if a block differs (tests run this)
+    .venv/bin/python bench/readme_figures.py --accept  # `make figures`: a benchmark's new results become
+                                                       # the committed ones, then rewrite the blocks
+
+A benchmark never writes a committed results file: its ``--out bench/results/NAME.json`` becomes
+``NAME.new.json`` beside it (:func:`beside_committed`, gitignored), so running one never breaks
+`make test`; ``--accept`` is the explicit step that updates the committed figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -20,6 +27,39 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 README = REPO / "README.md"
+
+
+NEW_SUFFIX = ".new.json"
+
+
+def beside_committed(out: str | Path, results: Path = RESULTS) -> Path:
+    """Where a bench writes its results: ``out`` itself, unless it is a results file in bench/results/
+    (what the README's figures are rendered from, and `make test` compares them with): then
+    ``NAME.new.json`` beside it, so running a benchmark never changes the committed figures.
+    ``readme_figures.py --accept`` (``make figures``) makes the new files the committed ones."""
+    path = Path(out)
+    if path.resolve().parent != results.resolve() or path.name.endswith(NEW_SUFFIX):
+        return path
+    new = path.with_name(path.name.removesuffix(".json") + NEW_SUFFIX)
+    print(f"results go to {new}, beside the committed {path.name}; `make figures` makes them the README's",
+          file=sys.stderr, flush=True)
+    return new
+
+
+def committed_of(path: str | Path) -> Path:
+    """The committed results file a ``NAME.new.json`` stands beside (``path`` itself otherwise)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(NEW_SUFFIX) + ".json") if path.name.endswith(NEW_SUFFIX) else path
+
+
+def accept(results: Path = RESULTS) -> list[str]:
+    """Move every ``NAME.new.json`` over ``NAME.json`` (the explicit step after a benchmark run);
+    returns the names accepted."""
+    done = []
+    for new in sorted(results.glob("*" + NEW_SUFFIX)):
+        os.replace(new, committed_of(new))
+        done.append(committed_of(new).name)
+    return done
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -167,6 +207,14 @@ def first_run() -> str:
     return "`bench/results/demo_cpu.json`:\n\n" + "\n".join(rows)
 
 
+def speculation() -> str:
+    """Speculative decoding off vs on per stream, acceptance, parity (bench/bench_speculation.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_speculation import readme_block
+
+    return readme_block(_load("speculation_cpu.json"))
+
+
 def batching() -> str:
     """Continuous batching: streams x adapters, lone stream vs og, TTFT, parity (bench/bench_batching.py)."""
     sys.path.insert(0, str(REPO / "bench"))
@@ -175,8 +223,66 @@ def batching() -> str:
     return readme_block(_load("batching_cpu.json"))
 
 
+FAMILY_COLUMNS = {"train": "train (default modules)", "build_fp32": "build fp32", "serve": "serve + adapter",
+                  "parity": "= PyTorch+PEFT", "batch": "mixed batch = PyTorch", "build_int8": "int8 gate",
+                  "build_int4": "int4 gate"}
+
+
+def families() -> str:
+    """Model families through train -> build -> serve (tests/e2e/test_families.py's results)."""
+    from slmops.families import FAMILIES
+
+    data = _load("families_cpu.json")
+    rows = ["| case | model_type | " + " | ".join(FAMILY_COLUMNS.values()) + " |", "|" + "---|" * (2 + len(FAMILY_COLUMNS))]
+    for case, checks in data["families"].items():
+        cells = ["yes" if checks.get(k) else "**no**" for k in FAMILY_COLUMNS]
+        rows.append(f"| {case} | {checks.get('model_type', '?')} | " + " | ".join(cells) + " |")
+    labels = "; ".join(f"`{t}`: {f.label}" for t, f in FAMILIES.items())
+    return (f"`bench/results/families_cpu.json`, written by `{data['command']}`; tiny random models, "
+            f"a prompt of more than 64 tokens, 32-token sliding windows.\n\n" + "\n".join(rows) +
+            f"\n\nFamilies: {labels}.")
+
+
+def search() -> str:
+    """The quantization search of the demo bundle and its test-row check (bench/bench_search.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_search import readme_block
+
+    return readme_block(_load("search_cpu.json"))
+
+
+def fleet() -> str:
+    """Fleet rollouts on a real 3-node swarm (bench/bench_fleet.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_fleet import readme_block
+
+    return readme_block(_load("fleet_cpu.json"))
+
+
+def faults() -> str:
+    """kill -9 of the server during an upload and of a build, a full disk (bench/bench_faults.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_faults import readme_block
+
+    return readme_block(_load("faults_cpu.json"))
+
+
+def soak() -> str:
+    """The 30-minute soak over 200 adapters under --adapter-memory (bench/bench_soak.py)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_soak import readme_block
+
+    return readme_block(_load("soak_cpu.json"))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "faults": faults,
+    "soak": soak,
+    "families": families,
+    "fleet": fleet,
+    "search": search,
     "batching": batching,
+    "speculation": speculation,
     "lora-speed": lora_speed, "lora-quality": lora_quality, "demo": demo_figures, "first-run": first_run,
     "train-speed": train_speed,
 }
@@ -196,19 +302,64 @@ def render(text: str) -> str:
     return text
 
 
+def _sizes(sizes: dict[str, int]) -> str:
+    return " / ".join(f"{mb} MB {arch}" for arch, mb in sizes.items())
+
+
+def image_sizes() -> str:
+    """The images' sizes (bench/results/images.json; scripts/ci_containers.sh measures them), in the
+    README and in dockerfiles/README.md."""
+    data = _load("images.json")
+    images = data["images"]
+    serve = images["slmops-serve"]
+    goal = data.get("goals", {}).get("slmops-serve")
+    return (f"Image sizes (uncompressed, `bench/results/images.json`): `slmops-serve` {_sizes(serve)} without a bundle"
+            + (f" (goal < {goal} MB)" if goal else "") + ", "
+            + ", ".join(f"`{name}` {_sizes(sizes)}" for name, sizes in images.items() if name not in ("slmops-serve", "slmops-base"))
+            + (f"; the local base image {_sizes(images['slmops-base'])}" if "slmops-base" in images else "") + ".")
+
+
+def targets() -> str:
+    """The build targets, from the code that defines them (src/slmops/targets.py)."""
+    from slmops.targets import TARGETS
+
+    rows = ["| target | built for | provider | base | adapters | intra-op threads |", "|---|---|---|---|---|---|"]
+    for name, t in TARGETS.items():
+        rows.append(f"| `{name}` | {t.arch} | {t.provider} | {t.precision} | {t.adapter_dtype} | "
+                    f"{t.session_options.get('intra_op_num_threads', 'onnxruntime default')} |")
+    return "Targets (`src/slmops/targets.py`; `slmops targets` prints their builder options too):\n\n" + "\n".join(rows)
+
+
+# Blocks rendered from one source into more than one document.
+BLOCKS.update({"image-sizes": image_sizes, "targets": targets})
+# Documents whose blocks this script renders (every block may appear in any of them).
+DOCS = [README, REPO / "dockerfiles" / "README.md"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md's blocks differ from the JSON")
+    parser.add_argument("--accept", action="store_true",
+                        help="first make every bench/results/NAME.new.json (a benchmark's run) the committed NAME.json")
     args = parser.parse_args()
-    text = README.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print("README.md figures differ from bench/results/*.json; run: .venv/bin/python bench/readme_figures.py",
-                  file=sys.stderr)
-            sys.exit(1)
-        return
-    README.write_text(new)
+    if args.accept:
+        for name in accept():
+            print(f"bench/results/{name}: replaced by its .new.json")
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = render(text)
+        if new == text:
+            continue
+        if args.check:
+            stale.append(doc.relative_to(REPO).as_posix())
+        else:
+            doc.write_text(new)
+            print(f"{doc.relative_to(REPO)}: figures re-rendered")
+    if stale:
+        print(f"{', '.join(stale)}: figures differ from bench/results/*.json; run: .venv/bin/python bench/readme_figures.py",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.out:  # never over a committed results file (bench/readme_figures.py)
+        from readme_figures import beside_committed
+
+        args.out = beside_committed(args.out)
     results = {}
     for run in args.runs:
         files = [f.replace("{name}", run.name) for f in args.data_files]

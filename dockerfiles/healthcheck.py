@@ -1,6 +1,7 @@
 """HEALTHCHECK of the slmops serve image: ``grpc.health.v1.Health/Check`` (service "") on the server
 running in this container. Exit 0 when it answers SERVING, 1 otherwise (Docker's contract): loading,
-draining, not listening yet, or no answer within the timeout.
+draining, the scheduler died (every service turns NOT_SERVING at once), not listening yet, or no
+answer within the timeout. Health needs no token (``--admin-token`` / ``--api-key`` leave it open).
 
 The address comes from ``$SLMOPS_HEALTH_ADDR`` (host:port) if set, else from the serve process's own
 arguments (``--host``, ``--port``, or ``port``/``host`` in its ``-c`` YAML), else 127.0.0.1:50051.

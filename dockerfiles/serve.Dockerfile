@@ -12,7 +12,10 @@
 #   SIGTERM (docker stop): health NOT_SERVING, in-flight requests drain (--grace-period, default 30 s),
 #   exit 0; give docker stop more time than that (docker stop -t 40). The server runs as PID 1 (exec
 #   form) and handles SIGTERM itself; --init adds tini, which also reaps orphaned children.
-#   HEALTHCHECK: grpc.health.v1 Check on the server's own port (dockerfiles/healthcheck.py).
+#   HEALTHCHECK: grpc.health.v1 Check on the server's own port (dockerfiles/healthcheck.py); it fails
+#   while loading or draining and once the scheduler died (the server then also exits 1, so
+#   --restart / Swarm start a fresh one). Without --admin-token ($SLMOPS_ADMIN_TOKEN) adapter
+#   admin calls through a published port are refused (only loopback inside the container may).
 #   Arguments replace the CMD: docker run ... slmops-serve:0.1.0 serve /bundle --threads 2
 #
 # Architectures: `make images ARCH=arm64` (or amd64,arm64) builds it with --platform linux/arm64

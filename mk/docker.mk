@@ -38,19 +38,33 @@ endif
 IMAGE_PREFIX ?= slmops-
 LOCAL_BASE   ?= slmops-base:bookworm
 comma := ,
+# HOST_ARCH: this machine in Docker's names (uname -m says x86_64 / aarch64). ARCH is expanded once
+# here, so a later HOST_ARCH in an including Makefile cannot change it.
 HOST_ARCH    := $(shell uname -m | sed -e 's/x86_64/amd64/' -e 's/aarch64/arm64/')
 ARCH         ?= $(HOST_ARCH)
+ARCH         := $(ARCH)
 ARCHES       := $(subst $(comma), ,$(ARCH))
 FOREIGN_ARCHES := $(filter-out $(HOST_ARCH),$(ARCHES))
 REGISTRY     ?=
-OFFLINE      ?= 0
+# OFFLINE=1: build the local base first and use it; OFFLINE=0: python:3.11-slim-bookworm (a pull);
+# unset: the local base when this engine already has it (an earlier OFFLINE=1 build made it), so a
+# later `make bundle IN_DOCKER=1` or `make image-serve` does not try to pull. Recursive (=): the
+# engine is asked only when a recipe needs the name.
+PULL_BASE    := python:3.11-slim-bookworm
+OFFLINE      ?=
+have_base     = $(shell $(DOCKER) image inspect $(1) >/dev/null 2>&1 && echo $(1))
 ifeq ($(OFFLINE),1)
 BASE_IMAGE   ?= $(LOCAL_BASE)
 BASE_PREREQ  := base-image
+else ifeq ($(OFFLINE),0)
+BASE_IMAGE   ?= $(PULL_BASE)
+BASE_PREREQ  :=
 else
-BASE_IMAGE   ?= python:3.11-slim-bookworm
+BASE_IMAGE   ?= $(or $(call have_base,$(LOCAL_BASE)),$(PULL_BASE))
 BASE_PREREQ  :=
 endif
+# The base of a foreign-arch serve image (ARCH=arm64): the same rule with LOCAL_BASE-<arch>.
+foreign_base  = $(if $(filter 1,$(OFFLINE)),$(LOCAL_BASE)-$(1),$(if $(filter 0,$(OFFLINE)),$(PULL_BASE),$(or $(call have_base,$(LOCAL_BASE)-$(1)),$(PULL_BASE))))
 DOCKER_BUILD_FLAGS ?=
 WHEELHOUSE_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3.11)
 BUNDLE       ?=
@@ -73,7 +87,7 @@ base-image-%:
 image-serve-%: wheelhouse $(if $(filter 1,$(OFFLINE)),base-image-%)
 	@start=$$(date +%s); \
 	DOCKER_BUILDKIT=1 $(DOCKER) build --network none --platform linux/$* $(DOCKER_BUILD_FLAGS) \
-		--build-arg BASE_IMAGE=$(if $(filter 1,$(OFFLINE)),$(LOCAL_BASE)-$*,$(BASE_IMAGE)) --build-arg VERSION=$(VERSION) \
+		--build-arg BASE_IMAGE=$(call foreign_base,$*) --build-arg VERSION=$(VERSION) \
 		-f dockerfiles/serve.Dockerfile -t $(IMAGE_PREFIX)serve:$(VERSION)-$* . && \
 	echo "$(IMAGE_PREFIX)serve:$(VERSION)-$* ($*): $$(( $$($(DOCKER) image inspect -f '{{.Size}}' $(IMAGE_PREFIX)serve:$(VERSION)-$*) / 1000000 )) MB, built in $$(( $$(date +%s) - start ))s"
 

@@ -2,8 +2,9 @@
 # Container CI: installs Docker (Debian's docker.io 20.10), docker-registry, mmdebstrap and sshd
 # (for the ssh:// deploy test), starts dockerd and a registry on 127.0.0.1:5000 when none runs,
 # builds the local base image, the wheelhouse and the three images (offline, timed: cold on a
-# fresh machine, then the cached rebuild), runs `pytest tests/containers`, and stops what it
-# started, by PID.
+# fresh machine, then the cached rebuild), runs the README's container commands as typed (which
+# build the images: tests/e2e/test_readme_walkthrough.py), runs `pytest tests/containers`, and
+# stops what it started, by PID.
 #
 # arm64 (SLMOPS_CI_ARM64=1, the default; 0 skips it): qemu-user-static + binfmt-support register
 # qemu-aarch64 (binfmt_misc is mounted first where it is not), then the arm64 base (mmdebstrap
@@ -135,21 +136,44 @@ fi
 s=$(date +%s)
 make --no-print-directory -f mk/docker.mk wheelhouse ARCH="$ARCHES"
 say "wheelhouse ($ARCHES) ready in $(( $(date +%s) - s ))s"
+# The README's container commands, as typed and in its order (tests/e2e/test_readme_walkthrough.py):
+# `make images OFFLINE=1`, `make images OFFLINE=1 BUNDLE=dist/bundles/cpu`, `make bundle TARGET=cpu
+# IN_DOCKER=1`, the `docker run -v "$PWD/dist/bundles/cpu:/bundle:ro"` line (until SERVING), the
+# deploys (placeholder host: local; registry: this one) and, with arm64, `make bundle
+# TARGET=cpu-arm64`, `make images ARCH=amd64,arm64 OFFLINE=1` and its REGISTRY= push with the
+# manifest list. These build every image the tests below use.
 s=$(date +%s)
-make --no-print-directory -f mk/docker.mk images OFFLINE=1 ARCH="$ARCHES" DOCKER="$DOCKER" DOCKER_BUILD_FLAGS="--progress plain" \
-    > "$STATE/images.log" 2>&1 || { tail -60 "$STATE/images.log"; say "make images failed"; exit 1; }
-grep -E "MB, built in" "$STATE/images.log" || true
-say "images ($ARCHES) built in $(( $(date +%s) - s ))s (build log: $STATE/images.log)"
+say "README walkthrough, container part (log: $STATE/walkthrough.log)"
+SLMOPS_README_WALKTHROUGH=containers SLMOPS_CI_ARM64="$ARM64" SLMOPS_TEST_REGISTRY="$REGISTRY_ADDR" \
+    "$PY" -m pytest -q -s -p no:cacheprovider "tests/e2e/test_readme_walkthrough.py::test_readme_walkthrough[containers]" \
+    > "$STATE/walkthrough.log" 2>&1 || { tail -80 "$STATE/walkthrough.log"; say "the README's container commands failed"; exit 1; }
+grep -E "^\+ |MB, built in|SERVING\)" "$STATE/walkthrough.log" || true
+say "README container commands ($ARCHES) ran in $(( $(date +%s) - s ))s"
+# The images' sizes beside the committed ones (bench/results/images.new.json; `make figures` takes them).
+"$PY" - "$DOCKER" "$ARCHES" <<'PY' || say "image sizes not recorded"
+import json, re, subprocess, sys
+sys.path.insert(0, "bench")
+from readme_figures import RESULTS, beside_committed
+docker, arches = sys.argv[1], sys.argv[2].split(",")
+version = re.search(r'^version *= *"(.*)"', open("pyproject.toml").read(), re.M).group(1)
+def size(tag):
+    done = subprocess.run([docker, "image", "inspect", "-f", "{{.Size}}", tag], capture_output=True, text=True)
+    return round(int(done.stdout) / 1e6) if done.returncode == 0 else None
+images = {}
+for name in ("slmops-serve", "slmops-train", "slmops-build"):
+    found = {a: size(f"{name}:{version}-{a}") for a in arches}
+    images[name] = {a: mb for a, mb in found.items() if mb}
+images["slmops-base"] = {a: mb for a in arches if (mb := size("slmops-base:bookworm" + ("" if a == "amd64" else f"-{a}")))}
+committed = json.loads((RESULTS / "images.json").read_text())
+out = beside_committed(RESULTS / "images.json")
+out.write_text(json.dumps({**committed, "note": f"docker image inspect sizes (MB = 10^6 bytes, uncompressed) of `make images OFFLINE=1` (ARCH={','.join(arches)}) in scripts/ci_containers.sh", "images": images}, indent=2) + "\n")
+print(f"image sizes: {images} -> {out}")
+PY
 s=$(date +%s)
 make --no-print-directory -f mk/docker.mk images OFFLINE=1 ARCH="$ARCHES" DOCKER="$DOCKER" > "$STATE/images-cached.log" 2>&1
 say "cached rebuild of the images ($ARCHES): $(( $(date +%s) - s ))s"
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^slmops-' || true
-if [ "$ARM64" = 1 ]; then
-    s=$(date +%s)
-    make --no-print-directory -f mk/docker.mk push-images REGISTRY="$REGISTRY_ADDR" ARCH="$ARCHES" DOCKER="$DOCKER" \
-        || { say "multi-arch push failed"; exit 1; }
-    say "multi-arch serve push ($ARCHES) in $(( $(date +%s) - s ))s"
-fi
+# (the multi-arch push and manifest list: the README's `make images ... REGISTRY=` line above)
 
 # ---- tests ----------------------------------------------------------------------------------------
 say "pytest tests/containers"

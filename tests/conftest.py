@@ -49,14 +49,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama (~50k params) with a 400-token BPE tokenizer, saved as an HF folder."""
-    import torch
+def make_tiny_tokenizer(out: Path):
+    """A 400-token byte-level BPE trained on the demo data, with a ChatML template, saved into ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     corpus = [line for sub in ("tone", "extract") for f in ("train.jsonl", "eval.jsonl")
               for line in (EXAMPLES / sub / f).read_text().splitlines()]
     corpus += ["Classify the tone of this phrase as joy, sadness, anger, fear or surprise:", "user assistant system"]
@@ -73,11 +70,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def make_tiny_llama(out: Path) -> Path:
+    """A 2-layer Llama (~50k params, seed 0) with a 400-token BPE tokenizer, saved in ``out`` as an HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_tokenizer(out)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_LLAMA)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (~50k params) with a 400-token BPE tokenizer, saved as an HF folder."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from slmops_ops.olive_run import plan_from_config
 
 from slmops.errors import SlmopsUsageError
-from slmops.olive_run import plan_from_config
 
 
 def plan(config: dict[str, Any], tmp_path: Path) -> Any:

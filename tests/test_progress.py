@@ -7,7 +7,7 @@ import time
 
 
 def test_pipe_gets_a_line_per_interval_and_a_summary() -> None:
-    from slmops.deploy.progress import Progress
+    from slmops_ops.deploy.progress import Progress
 
     stream = io.StringIO()
     with Progress("image x -> host", 40 * 65536, stream, interval=0.05) as progress:

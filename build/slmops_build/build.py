@@ -21,11 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slmops.bundle import ABI_VERSION, SCHEMA_VERSION, AdapterInfo, BundleError, read_manifest, verify_files
 from slmops.errors import SlmopsUsageError, usage_error_from_validation
-from slmops.fsutil import atomic_output_dir, portable_path, sha256_file
+from slmops.families import family_of
+from slmops.fsutil import atomic_output_dir, portable_path, recover_stale, sha256_file
 from slmops.models import resolve_model_path
 from slmops.targets import PRECISIONS, Target, get_target
 
 DEFAULT_OUTPUT_ROOT = Path("dist/bundles")
+# quantizer options --search picks itself
+SEARCHED_OPTIONS = ("block_size", "int4_block_size", "accuracy_level", "int4_accuracy_level", "fp32_last_layers", "quantizer")
 
 
 class BuildConfig(BaseModel):
@@ -47,9 +50,17 @@ class BuildConfig(BaseModel):
     validate_bundle: bool = Field(True, description="run validation (parity vs PyTorch, perplexity)")
     validate_rows: int | None = Field(None, ge=1, description="eval rows per adapter used by validation (default: every eval row)")
     validate_max_new_tokens: int | None = Field(None, ge=1)
-    max_accuracy_drop: float = Field(3.0, ge=0, description="fail if bundle accuracy/ROUGE-L drops more points than this vs PyTorch")
+    max_accuracy_drop: float = Field(1.0, ge=0, description="fail if bundle accuracy/ROUGE-L drops more points than this vs "
+                                     "PyTorch (and more than the paired row-flip noise)")
+    min_agreement: float = Field(0.97, ge=0, le=1, description="fail if fewer than this fraction of an adapter's eval rows "
+                                 "get PyTorch's own answer")
     max_ppl_increase: float = Field(10.0, ge=0, description="fail if base perplexity rises more percent than this vs fp32")
     allow_unverified: bool = Field(False, description="write the bundle even when some validation checks could not run here")
+    search: bool | None = Field(False, description="measure candidate quantizations on this machine and keep the fastest "
+                                "within the budget (--max_accuracy_drop, --min_agreement, --max_ppl_increase); None = "
+                                "when it can (auto-opt's default: a searchable target and every adapter's run has eval rows)")
+    test_check: bool = Field(False, description="after validation, fail unless every adapter is within --max_accuracy_drop "
+                             "points of PyTorch on its run's test rows (which neither training nor the search saw)")
 
     @field_validator("adapters", mode="before")
     @classmethod
@@ -87,6 +98,14 @@ class BuildConfig(BaseModel):
                 raise ValueError(f"--merge: '{self.merge}' is not one of the --adapter names {sorted(self.adapters)}")
             if len(self.adapters) > 1:
                 raise ValueError("--merge: a merged bundle has no LoRA inputs, so it holds exactly one adapter; pass only that --adapter")
+        if self.search:  # explicitly asked (None = auto-opt's "when it can")
+            if self.merge is not None:
+                raise ValueError("--search: measures adapters served beside the base model; drop --merge or --search")
+            if not self.adapters:
+                raise ValueError("--search: compares adapters' answers with PyTorch's; pass at least one --adapter NAME=RUN")
+            chosen = sorted(set(self.extra_options) & set(SEARCHED_OPTIONS))
+            if chosen:
+                raise ValueError(f"--extra_option: {chosen} are what --search chooses; drop them or --search")
         return self
 
     def resolve_target(self) -> Target:
@@ -105,6 +124,8 @@ def build_config(values: dict[str, Any], source: str = "") -> BuildConfig:
         values["adapters"] = values.pop("adapter")
     if "extra_option" in values:
         values["extra_options"] = values.pop("extra_option")
+    if values.get("search") == "auto":
+        values["search"] = None
     try:
         return BuildConfig(**values)
     except ValidationError as exc:
@@ -158,7 +179,8 @@ def build_key(config: BuildConfig, target: Target, modules: list[str], base_sha:
         "schema": SCHEMA_VERSION, "abi": ABI_VERSION, "target": dataclasses.asdict(target), "lora_modules": modules,
         "merge": config.merge, "extra_options": config.extra_options,
         "validation": [config.validate_bundle, config.validate_rows, config.validate_max_new_tokens,
-                       config.max_accuracy_drop, config.max_ppl_increase],
+                       config.max_accuracy_drop, config.max_ppl_increase, config.min_agreement],
+        "search": [config.search, config.test_check],
         "base_weights": base_sha,
         "base_files": _dir_digest(Path(model_dir), exclude_suffixes=(".safetensors", ".bin", ".gguf", ".pt")),
         "adapters": {name: [_dir_digest(d), _dir_digest(d.parent, names=["run.json"])] for name, d in sorted(adapter_dirs.items())},
@@ -206,7 +228,7 @@ def merge_adapter(model_dir: str | Path, adapter_dir: Path, out: Path) -> Path:
 
 
 # ---- the build ------------------------------------------------------------------------------
-QKV = ("q_proj", "k_proj", "v_proj")
+QKV = ("q_proj", "k_proj", "v_proj", "qkv_proj")
 
 
 def fuses_qkv_into_attention(target: Target) -> bool:
@@ -236,6 +258,114 @@ def check_fused_attention(target: Target, lora_modules: list[str] | None, adapte
                                f"'{first}'; use --precision fp16 (the {target.name} default) or --merge {first}")
 
 
+def _search_by_default(config: BuildConfig, target: Target, adapters: dict[str, Any], console: Any) -> bool:
+    """auto-opt's default: search when the target can be searched and every adapter has eval rows."""
+    from slmops.runrecord import RunRecordError, read_validation_rows
+    from slmops_build.search import searchable
+
+    why = searchable(target) or ("--merge" if config.merge else None) or (None if adapters else "no --adapter")
+    if config.extra_options.keys() & set(SEARCHED_OPTIONS):
+        why = "--extra_option sets the quantization"
+    for name, adapter in adapters.items():
+        if why:
+            break
+        try:
+            rows = read_validation_rows(adapter.run_dir, adapter.record, "eval") if adapter.run_dir and adapter.record else None
+        except RunRecordError:
+            rows = None
+        if rows is None or not rows.prompts:
+            why = f"adapter {name} has no eval rows in a run.json beside it"
+    if why:
+        console.print(f"no quantization search ({why}): the target's recipe")
+    return why is None
+
+
+def _search(config: BuildConfig, target: Target, model_dir: Path, modules: list[str], adapters: dict[str, Any], tmp: Path,
+            work: Path, bounds: Any, export_report: dict[str, Any], console: Any) -> tuple[Any, dict[str, Any]]:
+    """ONE fp32 export, the candidates quantized from it and measured; the pick becomes ``tmp/model``."""
+    from slmops_build.adapters import convert_adapter
+    from slmops_build.export import export_base_model
+    from slmops_build.search import SearchError, run_search
+    from slmops_build.validate import BuildValidationError
+
+    console.print(f"exporting {model_dir.name} once (fp32, LoRA inputs on {modules}) to search {target.name}'s quantization")
+    fp32_dir = work / "fp32"
+    template = export_base_model(model_dir, fp32_dir, target.with_precision("fp32"), modules, config.extra_options,
+                                 work_dir=work / "export", report=export_report)
+    converted = {}
+    for name, adapter in adapters.items():
+        path = work / "adapters" / f"{name}.onnx_adapter"
+        convert_adapter(adapter.adapter_dir, template, template.dtype, path, name=name)
+        converted[name] = (adapter, path)
+    console.print("searching: candidates vs PyTorch fp32+PEFT on the eval rows, then decode speed")
+    threads = int(target.session_options.get("intra_op_num_threads", 2))
+    try:
+        picked, report = run_search(model_dir, fp32_dir, work / "candidates", target, template, converted, bounds,
+                                    config.extra_options, console.print, threads=threads)
+    except SearchError as exc:
+        raise BuildValidationError([str(exc)], {"search": exc.report}) from exc
+    shutil.move(str(picked), tmp / "model")
+    export_report["quantization"] = {"method": "slmops", "search_pick": report["pick"], **report["pick_options"]}
+    print_search_table(report, console)
+    return template, report
+
+
+def _test_check(model_dir: Path, template: Any, adapters: dict[str, Any], bounds: Any, hf_model_dir: str | Path,
+                target: Target, console: Any) -> dict[str, Any]:
+    """Every adapter within ``max_accuracy_drop`` points of PyTorch on its run's test rows (which
+    neither training nor the search saw), or BuildValidationError saying which and by how much."""
+    from slmops_build.search import SearchError, pytorch_side, quality
+    from slmops_build.validate import BuildValidationError
+
+    console.print("checking the bundle on the adapters' test rows (held out from training and the search)")
+    test_bounds = dataclasses.replace(bounds, split="test", rows=None)
+    eos = set(read_genai_eos(model_dir))
+    try:
+        side = pytorch_side(Path(hf_model_dir), adapters, test_bounds, eos)
+    except SearchError as exc:
+        raise BuildValidationError([f"--test_check: {exc}"], {"test_rows": str(exc)}) from exc
+    result = quality(model_dir, template, side, test_bounds, int(target.session_options.get("intra_op_num_threads", 2)))
+    failures = [f"adapter {name}: {e['metric']} {e['bundle']:.3f} on the test rows vs {e['pytorch']:.3f} in PyTorch "
+                f"(drop {e['drop_points']} points > {bounds.max_accuracy_drop}; {e['rows_same']}/{e['rows']} answers identical)"
+                for name, e in result["adapters"].items() if e["drop_points"] > bounds.max_accuracy_drop]
+    report = {"adapters": result["adapters"], "max_accuracy_drop_points": bounds.max_accuracy_drop,
+              "passed": not failures, "failures": failures, "seconds": round(side.seconds + result["quality_s"], 2)}
+    for name, e in result["adapters"].items():
+        console.print(f"  {name} test rows: {e['metric']} {e['bundle']:.3f} vs PyTorch {e['pytorch']:.3f}, "
+                      f"{e['rows_same']}/{e['rows']} answers identical")
+    if failures:
+        raise BuildValidationError(failures, {"test_rows": report})
+    return report
+
+
+def read_genai_eos(model_dir: Path) -> tuple[int, ...]:
+    from slmops.contract import GenaiConfig
+
+    return GenaiConfig.read(model_dir).eos_ids
+
+
+def print_search_table(report: dict[str, Any], console: Any) -> None:
+    """The search's candidates as a rich table, then the pick and why."""
+    from rich.table import Table
+
+    candidates = report.get("candidates", [])
+    adapters = list(candidates[0]["quality"]["adapters"]) if candidates else []
+    speed_cases = [k for k in (candidates[0].get("speed") or {}) if k != "one_stream_mean"] if candidates else []
+    table = Table("candidate", *[f"{a} agree" for a in adapters], *[f"{a} drop (pts)" for a in adapters], "ppl +%",
+                  *[f"tok/s {c}" for c in speed_cases], "vs default", "budget", title="quantization search")
+    front = set(report.get("pareto_front", []))
+    for row in candidates:
+        q = row["quality"]["adapters"]
+        speed = row.get("speed") or {}
+        name = row["name"] + (" *" if row["name"] in front else "") + (" [bold green](pick)[/]" if row["name"] == report.get("pick") else "")
+        table.add_row(name, *[f"{q[a]['agreement']:.0%}" for a in adapters],
+                      *[f"{q[a]['drop_points']:g} ±{q[a]['noise_margin_points']:g}" for a in adapters],
+                      f"{row['quality']['ppl_increase_pct']:g}", *[f"{speed.get(c, '-')}" for c in speed_cases],
+                      f"{row.get('speed_vs_default', '-')}", "ok" if row["within_budget"] else "[red]out[/]")
+    console.print(table)
+    console.print(f"* = Pareto front (speed vs lowest agreement). pick: {report.get('reason')}")
+
+
 def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     """Build (or find up to date) the bundle ``config`` describes; return its folder."""
     from rich.console import Console
@@ -250,17 +380,27 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     started = time.time()
     target = config.resolve_target()
     check_precision(target)
-    modules = check_lora_modules(config.lora_modules)
+    if config.search:
+        from slmops_build.search import searchable
+
+        why_not = searchable(target)
+        if why_not:
+            raise SlmopsUsageError("--search", why_not)
     out = config.output_dir(target)
     model_dir = resolve_model_path(config.model_name_or_path)
+    family = family_of(model_dir)  # an architecture the builder cannot export is refused here, before any work
+    modules = check_lora_modules(config.lora_modules, family)
     base = base_model_info(model_dir, config.model_name_or_path)
     merge = config.merge is not None
     adapters = {
-        name: load_peft_adapter(name, path, base.sha256, None if merge else covered_modules(modules), merge=merge)
+        name: load_peft_adapter(name, path, base.sha256, None if merge else covered_modules(modules, family), merge=merge)
         for name, path in config.adapters.items()
     }
     check_fused_attention(target, config.lora_modules, adapters, merge)
+    if config.search is None:
+        config = config.model_copy(update={"search": _search_by_default(config, target, adapters, console)})
     key = build_key(config, target, modules, base.sha256, model_dir, {n: a.adapter_dir for n, a in adapters.items()})
+    recover_stale(out)  # a build killed (kill -9) mid-swap left the old bundle aside: back first, then compare
     if is_up_to_date(out, key):
         validation = read_manifest(out).validation
         if validation.get("status") == "unverified" and config.validate_bundle and not config.allow_unverified:
@@ -275,6 +415,10 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
 
     timings: dict[str, float] = {}
     export_report: dict[str, Any] = {}
+    search_report: dict[str, Any] | None = None
+    torch_answers: dict[str, list[list[int]]] | None = None  # PyTorch's eval answers, when the search made them
+    bounds = Bounds(rows=config.validate_rows, max_accuracy_drop=config.max_accuracy_drop, min_agreement=config.min_agreement,
+                    max_ppl_increase=config.max_ppl_increase, max_new_tokens=config.validate_max_new_tokens)
     with atomic_output_dir(out, config.overwrite) as tmp:
         work = Path(tempfile.mkdtemp(prefix="slmops-build-"))
         try:
@@ -285,6 +429,10 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
                 merged_dir = merge_adapter(model_dir, adapters[config.merge].adapter_dir, work / "merged")
                 template = export_base_model(merged_dir, tmp / "model", target, None, config.extra_options,
                                              work_dir=work / "export", with_lora=False, report=export_report)
+            elif config.search:
+                template, search_report = _search(config, target, Path(model_dir), modules, adapters, tmp, work, bounds,
+                                                  export_report, console)
+                torch_answers = search_report.pop("_torch_answers", None)
             else:
                 console.print(f"exporting {base.name} for target [bold]{target.name}[/] ({target.precision}, LoRA inputs on {modules})")
                 template = export_base_model(model_dir, tmp / "model", target, modules, config.extra_options,
@@ -306,10 +454,9 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
             t0 = time.time()
             if config.validate_bundle:
                 console.print("validating the bundle (slmops.runtime vs PyTorch)")
-                bounds = Bounds(rows=config.validate_rows, max_accuracy_drop=config.max_accuracy_drop,
-                                max_ppl_increase=config.max_ppl_increase, max_new_tokens=config.validate_max_new_tokens)
                 validation = validate_bundle(tmp, model_dir, template, target, onnx_adapters, bounds,
-                                             merged=adapters[config.merge] if config.merge else None)
+                                             merged=adapters[config.merge] if config.merge else None,
+                                             torch_answers=torch_answers)
                 if validation["status"] == "failed":
                     raise BuildValidationError(validation["failures"], validation)
                 if validation["status"] == "unverified" and not config.allow_unverified:
@@ -319,20 +466,27 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
                 validation = {"skipped": "--no-validate", "status": "unverified", "unverified": ["validation not run (--no-validate)"],
                               "passed": False}
             timings["validate_s"] = round(time.time() - t0, 2)
+            if config.test_check and not merge:
+                t0 = time.time()
+                validation["test_rows"] = _test_check(tmp / "model", template, onnx_adapters, bounds, model_dir, target, console)
+                timings["test_check_s"] = round(time.time() - t0, 2)
             for name, info in infos.items():
                 entry = validation.get("adapters", {}).get(name, {})
-                info.eval_metrics = {k: entry[k] for k in ("metric", "bundle", "pytorch", "drop_points", "token_agreement", "rows")
-                                     if k in entry}
+                info.eval_metrics = {k: entry[k] for k in ("metric", "bundle", "pytorch", "drop_points", "noise_margin_points",
+                                                                   "agreement", "token_agreement", "rows") if k in entry}
             timings["total_s"] = round(time.time() - started, 2)
             build_info = {
                 "config": recorded_config(config),
                 "model_path": portable_path(model_dir),
                 "lora_modules": modules,
-                "builder_options": {**{k: str(v) for k, v in target.builder_options.items()}, **config.extra_options},
+                "builder_options": {**{k: str(v) for k, v in target.builder_options.items()}, **config.extra_options,
+                                    **(search_report or {}).get("pick_options", {})},
                 "session_options": target.session_options,
                 "export": export_report,
                 "timings": timings,
             }
+            if search_report is not None:
+                build_info["search"] = search_report
             write_manifest(tmp, target, template, base, infos, validation, key, build_info,
                            merged_adapter=config.merge)
         finally:

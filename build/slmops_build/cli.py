@@ -44,12 +44,18 @@ def print_summary(bundle_dir: Path, console: Any) -> None:
         console.print(f"adapter ABI v{abi.abi_version}: {len(abi.inputs)} LoRA inputs over {abi.num_layers} layers, modules {abi.modules}, {abi.dtype}")
     validation = manifest.validation
     if manifest.adapters:
-        table = Table("adapter", "rank", "alpha", "modules", "metric", "bundle", "pytorch", "drop (pts)", "same tokens", title="adapters")
+        table = Table("adapter", "rank", "alpha", "modules", "metric", "bundle", "pytorch", "drop (pts)", "agreement", title="adapters")
         for name, info in manifest.adapters.items():
             m = info.eval_metrics
             table.add_row(name, str(info.rank), f"{info.alpha:g}", ",".join(info.target_modules), str(m.get("metric", "-")),
-                          _fmt(m.get("bundle")), _fmt(m.get("pytorch")), _fmt(m.get("drop_points")), _fmt(m.get("token_agreement")))
+                          _fmt(m.get("bundle")), _fmt(m.get("pytorch")), _fmt(m.get("drop_points")),
+                          _fmt(m.get("agreement", m.get("token_agreement"))))
         console.print(table)
+    search = (manifest.build or {}).get("search")
+    if search:
+        from slmops_build.build import print_search_table
+
+        print_search_table(search, console)
     if "skipped" in validation:
         console.print(f"validation: [yellow]unverified[/] (skipped: {validation['skipped']})")
     elif validation:
@@ -59,6 +65,9 @@ def print_summary(bundle_dir: Path, console: Any) -> None:
         status = {"passed": "[green]passed[/]", "unverified": "[yellow]unverified[/]"}.get(state, f"[red]{state}[/]")
         extra = f" ({'; '.join(validation['unverified'])})" if validation.get("unverified") else ""
         console.print(f"validation {status}{extra}: perplexity {ppl_text}; {validation.get('seconds', '-')} s")
+        for name, entry in (validation.get("test_rows") or {}).get("adapters", {}).items():
+            console.print(f"  {name} on its run's test rows: {entry['metric']} {entry['bundle']:.3f} vs PyTorch "
+                          f"{entry['pytorch']:.3f}, {entry['rows_same']}/{entry['rows']} answers identical")
         for name, entry in validation.get("adapters", {}).items():
             if "noise_margin_points" in entry:
                 floor = entry.get("min_detectable_drop_points")
@@ -102,8 +111,16 @@ def _fmt(value: Any) -> str:
 @click.option("--allow-unverified", "--allow_unverified", "allow_unverified", is_flag=True, default=None,
               help="write the bundle even when checks cannot run here (e.g. a cuda bundle on a CPU machine); it is marked unverified")
 @click.option("--validate_max_new_tokens", type=int, default=None, help="tokens generated per validation row")
-@click.option("--max_accuracy_drop", type=float, default=None, help="fail above this accuracy/ROUGE-L drop in points (default 3)")
+@click.option("--max_accuracy_drop", type=float, default=None,
+              help="fail above this accuracy/ROUGE-L drop in points, when beyond the paired row-flip noise (default 1)")
 @click.option("--max_ppl_increase", type=float, default=None, help="fail above this perplexity increase in percent (default 10)")
+@click.option("--min_agreement", type=float, default=None,
+              help="fail when fewer than this fraction of an adapter's eval rows get PyTorch's own answer (default 0.97)")
+@click.option("--search/--no-search", "search", default=None,
+              help="measure candidate quantizations here (accuracy level, fp32 last layers, block size) and keep the "
+                   "fastest within the budget; the table goes into bundle.json")
+@click.option("--test_check", "--test-check", "test_check", is_flag=True, default=None,
+              help="also fail unless every adapter is within --max_accuracy_drop points of PyTorch on its run's test rows")
 @click.option("--json", "as_json", is_flag=True, default=None, help="print the bundle's manifest (bundle.json) as JSON on stdout")
 def build_command(config_path: Path | None, as_json: bool | None = None, **options: Any) -> None:
     """Build a multi-adapter ONNX bundle: model/, adapters/<name>.onnx_adapter, bundle.json.
@@ -140,7 +157,8 @@ def build_command(config_path: Path | None, as_json: bool | None = None, **optio
         for failure in exc.failures:
             err.print(f"  - {failure}")
         for name, entry in exc.report.get("adapters", {}).items():
-            figures = {k: entry[k] for k in ("metric", "bundle", "pytorch", "drop_points", "token_agreement", "rows") if k in entry}
+            figures = {k: entry[k] for k in ("metric", "bundle", "pytorch", "drop_points", "noise_margin_points", "agreement", "rows")
+                       if k in entry}
             err.print(f"  adapter {name}: {figures}")
         if exc.report.get("perplexity"):
             err.print(f"  perplexity: {exc.report['perplexity']}")

@@ -44,19 +44,11 @@ from slmops.contract import (
     row_mask_name,
 )
 from slmops.errors import SlmopsUsageError
+from slmops.families import FAMILIES, Family, family_of, module_sizes
 from slmops.targets import Target
 from slmops_build.quantize import builder_extra_options, merged_options, quantize_graph, quantizer_for
 
-# The adapter ABI of decoder-only Llama-style models: PEFT leaf module name -> builder group name.
-ABI_MODULES: dict[str, str] = {
-    "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
-DEFAULT_LORA_MODULES: tuple[str, ...] = tuple(ABI_MODULES)
-# Base projections of the builder's graph -> the PEFT modules packed in them, in output order.
-PACKED_PROJECTIONS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
-}
+# Graph projections in ABI order (the family table, slmops.families, says which PEFT modules each packs).
 PROJECTION_ORDER = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj")
 RANK_DIM = "lora_r"
 OUT_DIM = "lora_out"
@@ -67,43 +59,42 @@ DATA_FILE = "model.onnx.data"
 BASE_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul(?:_Q\d+)?$")
 
 
+DEFAULT_FAMILY = FAMILIES["llama"]
+# Sliding windows: the attention op masks the window over a full-length cache (the layout the runner
+# binds) instead of the builder's default window-sized ring for local layers.
+FIXED_BUILDER_OPTIONS = {"windowed_kv_cache": "false"}
+
+
 class ExportError(RuntimeError):
     """The model builder or the graph rewrite failed (not a user input problem)."""
 
 
-def check_lora_modules(modules: Iterable[str] | None) -> list[str]:
-    """Normalize ``--lora_modules`` (``all-linear`` = every ABI module) into ABI order."""
-    wanted = list(modules or DEFAULT_LORA_MODULES)
+def check_lora_modules(modules: Iterable[str] | None, family: Family = DEFAULT_FAMILY) -> list[str]:
+    """Normalize ``--lora_modules`` (``all-linear`` = every linear projection of the family) into ABI order."""
+    wanted = list(modules or family.modules)
     if wanted in (["all-linear"], ["all"]):
-        wanted = list(DEFAULT_LORA_MODULES)
-    unknown = sorted(set(wanted) - set(ABI_MODULES))
+        wanted = list(family.modules)
+    unknown = sorted(set(wanted) - set(family.modules))
     if unknown:
-        raise SlmopsUsageError("--lora_modules", f"{unknown} are not LoRA-able modules; choose from {list(ABI_MODULES)}")
+        raise SlmopsUsageError("--lora_modules", f"{unknown} are not LoRA-able modules of {family.model_type}; choose from "
+                               f"{list(family.modules)}")
     if not wanted:
         raise SlmopsUsageError("--lora_modules", "is empty; name at least one module or use 'all-linear'")
-    return [m for m in DEFAULT_LORA_MODULES if m in wanted]
+    return family.order(wanted)
 
 
-def covered_modules(modules: list[str]) -> list[str]:
+def covered_modules(modules: list[str], family: Family = DEFAULT_FAMILY) -> list[str]:
     """The modules a graph with LoRA on ``modules`` can adapt: a packed projection takes all its members."""
     covered = set(modules)
-    for members in PACKED_PROJECTIONS.values():
+    for members in family.packing.values():
         if covered & set(members):
             covered |= set(members)
-    return [m for m in DEFAULT_LORA_MODULES if m in covered]
+    return family.order(covered)
 
 
-def member_sizes(model_dir: str | Path) -> dict[str, int]:
-    """Output width of every ABI module, from the model's config.json."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    config = {**config, **(config.get("text_config") or {})}
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    inter = int(config["intermediate_size"])
-    return {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
-            "o_proj": hidden, "gate_proj": inter, "up_proj": inter, "down_proj": hidden}
+def member_sizes(model_dir: str | Path, family: Family | None = None) -> dict[str, int]:
+    """Output width of every PEFT module of the model's family, from its config.json."""
+    return module_sizes(model_dir, family or family_of(model_dir))
 
 
 # ---- running the model builder --------------------------------------------------------------
@@ -131,7 +122,7 @@ def run_builder(model_dir: str | Path, out_dir: Path, target: Target, extra_opti
         if in_process:
             returncode = _builder_in_process(model_dir, out_dir, precision, target.execution_provider, cache, kv, log_path)
         else:
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", *args]
+            cmd = [sys.executable, "-m", "slmops_build.builder_compat", *args]
             if kv:
                 cmd += ["--extra_options", *kv]
             env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
@@ -153,13 +144,16 @@ def _builder_in_process(model_dir: str | Path, out_dir: Path, precision: str, pr
 
     from onnxruntime_genai.models import builder
 
+    from slmops_build.builder_compat import patched
+
     quant_logger = logging.getLogger("onnxruntime.quantization")
     level = quant_logger.level
     quant_logger.setLevel(logging.WARNING)
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            options = builder.parse_extra_options(None, str(model_dir), str(out_dir), precision, provider, str(cache), kv)
-            builder.create_model(None, str(model_dir), str(out_dir), precision, provider, str(cache), **options)
+            with patched():
+                options = builder.parse_extra_options(None, str(model_dir), str(out_dir), precision, provider, str(cache), kv)
+                builder.create_model(None, str(model_dir), str(out_dir), precision, provider, str(cache), **options)
         except Exception:  # noqa: BLE001 - reported with the log tail like a subprocess failure
             traceback.print_exc(file=log)
             return 1
@@ -169,7 +163,8 @@ def _builder_in_process(model_dir: str | Path, out_dir: Path, precision: str, pr
 
 
 # ---- 2. LoRA pairs beside the base projections -----------------------------------------------
-def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dict[str, int]) -> LoraTemplate:
+def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dict[str, int],
+                    family: Family = DEFAULT_FAMILY) -> LoraTemplate:
     """Write ``src_dir``'s graph into ``dst_dir`` with a LoRA pair beside each base projection
     that packs one of ``modules`` (see the module docstring); other files are copied."""
     import numpy as np
@@ -189,7 +184,7 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
         if match is None or node.op_type not in ("MatMul", "MatMulNBits"):
             continue
         layer, group, projection = int(match.group(1)), match.group(2), match.group(3)
-        members = PACKED_PROJECTIONS.get(projection, (projection,))
+        members = family.members(projection)
         if not set(members) & set(modules):
             continue
         x = node.inputs[0]
@@ -258,7 +253,7 @@ def add_lora_inputs(src_dir: Path, dst_dir: Path, modules: list[str], sizes: dic
     ir.save(model, str(dst_dir / MODEL_FILE), external_data=DATA_FILE)
     copy_side_files(src_dir, dst_dir)
     return LoraTemplate(
-        modules=[m for m in DEFAULT_LORA_MODULES if m in covered],
+        modules=family.order(covered),
         num_layers=len(layers),
         dtype=DTYPE_OF_ONNX_ELEM.get(dtype, "float32"),
         inputs=sorted(inputs, key=lambda i: _input_order(i.name)),
@@ -362,14 +357,15 @@ def export_base_model(model_dir: str | Path, out_dir: Path, target: Target, lora
     own_work = work_dir is None
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="slmops-export-"))
     # Keep gate/up fused (one MatMul) unless the user says otherwise; q/k/v are packed by default.
-    builder_options = {"fuse_mlp_gate_up": "true", **extra_options}
+    builder_options = {"fuse_mlp_gate_up": "true", **FIXED_BUILDER_OPTIONS, **extra_options}
     try:
         raw = work / "raw"
         run_builder(model_dir, raw, target, extra_options=builder_options, log_path=work / "builder.log",
                     in_process=in_process, precision=build_precision)
         if with_lora:
-            modules = check_lora_modules(lora_modules)
-            template = add_lora_inputs(raw, out_dir, modules, member_sizes(model_dir))
+            family = family_of(model_dir)
+            modules = check_lora_modules(lora_modules, family)
+            template = add_lora_inputs(raw, out_dir, modules, member_sizes(model_dir, family), family)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             for path in raw.iterdir():

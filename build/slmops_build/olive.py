@@ -34,7 +34,8 @@ AUTO_OPT_REFUSED: dict[str, str] = {
     **COMMON_REFUSED,
     "--data_name": EVAL_DATA, "--split": EVAL_DATA, "--subset": EVAL_DATA, "--input_cols": EVAL_DATA,
     "--batch_size": EVAL_DATA,
-    "--enable_search": "slmops builds one target profile, no pass search: pick it with --target/--device/--precision",
+    "--enable_search": "slmops searches its own quantization candidates against the adapters' answers (--search, on by "
+                       "default in auto-opt when the target and runs allow it); pick the target with --target/--device",
     "--seed": "no pass search to seed; leave it out",
     "--use_dynamo_exporter": "slmops exports with the ONNX Runtime GenAI model builder; leave it out",
     "--use_qdq_encoding": "slmops quantizes to MatMulNBits (onnxruntime contrib ops), not QDQ; leave it out",
@@ -99,6 +100,8 @@ def _auto_opt(**options: Any) -> Any:
     if adapter_path:
         options["adapter"] = (*(options.get("adapter") or ()), adapter_path)
     _no_onnx_model(options.get("model_name_or_path"), "--model_name_or_path")
+    if options.get("search") is None and options.get("precision") in (None, "int4"):
+        options["search"] = "auto"  # olive auto-opt searches: measure the quantization when it can
     return _run_build(options)
 
 

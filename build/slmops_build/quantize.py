@@ -18,9 +18,11 @@ slower, there is no fast fp32-activation kernel for 8-bit blocks).
 
 Weights already on a 4-bit grid (a model converted from a Q4_1 GGUF, like the default SmolLM2)
 come out (near-)lossless. The lm_head and the (tied) embedding are int8 blocks (lossless for
-Q8_0-derived weights). LoRA MatMuls stay float. Measured on SmolLM2-135M (bench/bench_lora.py,
-perplexity vs fp32 on held-out text): folded +0.05%, exact +0.13%, none +16%, the builder's
-symmetric int4 +8.6%; decode folded 0.84x, exact 0.74x, none 0.95x the builder's graph.
+Q8_0-derived weights). LoRA MatMuls stay float. Measured figures (perplexity vs fp32, decode speed
+against the builder's symmetric int4 graph) are not repeated here: they live in bench/results/
+(lora_peers_cpu.json: ``folded``, the default) and the README's "Adapter speed and quality"
+section, rendered from that file by bench/readme_figures.py. ``exact`` and ``none`` have no
+committed measurement; ``none`` loses the offsets' accuracy by construction.
 
 ``quantizer=builder``: the onnxruntime-genai builder's own RTN (symmetric, MatMulNBits), told
 the target's ``builder_options`` and the user's ``--extra_option k=v``. Any builder option is
@@ -56,7 +58,8 @@ QUANTIZERS = ("slmops", "builder")
 # Options only the builder's quantizer understands (they select `quantizer=builder`'s behaviour).
 BUILDER_ONLY_OPTIONS = ("algo_config", "is_symmetric", "op_types_to_quantize", "matmul_mixed_precision", "use_qdq")
 # Options slmops' quantizer reads; everything else goes to the builder.
-SLMOPS_QUANT_OPTIONS = ("quantizer", "block_size", "accuracy_level", "head_accuracy_level", "embedding_bits", "offsets")
+SLMOPS_QUANT_OPTIONS = ("quantizer", "block_size", "accuracy_level", "head_accuracy_level", "embedding_bits", "offsets",
+                        "fp32_last_layers")
 
 
 def check_precision(target: Target) -> None:
@@ -221,6 +224,8 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
     # kernel for 8-bit blocks (measured: accuracy_level=1 on it drops decode from ~90 to 6 tok/s).
     head_accuracy = int(options.get("head_accuracy_level", 4))
     embed_bits = int(options.get("embedding_bits", 8))
+    # fp32 activations (accuracy_level 1) for the int4 MatMuls of the last k decoder layers only
+    fp32_last = int(options.get("fp32_last_layers", 0))
     offsets_mode = options.get("offsets", DEFAULT_OFFSETS)
     if offsets_mode not in OFFSET_MODES:
         raise SlmopsUsageError("--extra_option", f"offsets={offsets_mode} is not one of {list(OFFSET_MODES)}")
@@ -246,8 +251,16 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
         graph.remove(node, safe=True)
         final.name, final.shape, final.dtype = name, shape, ir.DataType.FLOAT
 
+    first_fp32 = _num_layers(graph) - fp32_last if fp32_last > 0 else None
+
+    def level_of(node_name: str, is_head: bool) -> int:
+        if is_head:
+            return head_accuracy
+        layer = _layer_of(node_name)
+        return 1 if first_fp32 is not None and layer is not None and layer >= first_fp32 else accuracy
+
     stats: dict[str, Any] = {"method": "slmops", "bits": bits, "block_size": block, "accuracy_level": accuracy,
-             "head_accuracy_level": head_accuracy,
+             "head_accuracy_level": head_accuracy, "fp32_last_layers": fp32_last,
              "embedding_bits": embed_bits, "offsets": offsets_mode, "matmuls": 0, "kept_float": []}
     block_sums: dict[tuple[int, int, int], Any] = {}
     sum_matrices: dict[tuple[int, int], Any] = {}
@@ -319,7 +332,7 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
              const(f"{base}_zp", zp)],
             attributes=[ir.AttrInt64("K", k_total), ir.AttrInt64("N", n), ir.AttrInt64("bits", node_bits),
                         ir.AttrInt64("block_size", block),
-                        ir.AttrInt64("accuracy_level", head_accuracy if is_head else accuracy)],
+                        ir.AttrInt64("accuracy_level", level_of(node.name or "", is_head))],
             name=f"{node.name}_Q{node_bits}", num_outputs=1,
         )
         matmul.outputs[0].name = f"{node.name}_Q{node_bits}/output_0"
@@ -387,6 +400,20 @@ def quantize_graph(model_dir: Path, bits: int, options: dict[str, str] | None = 
     _relocate_external_data(tmp, "model.q.onnx.data", "model.onnx.data")
     tmp.rename(path)
     return stats
+
+
+def _layer_of(node_name: str) -> int | None:
+    """The decoder layer index in a builder node name (``/model/layers.7/attn/...`` -> 7)."""
+    import re
+
+    match = re.search(r"/layers\.(\d+)/", node_name)
+    return int(match.group(1)) if match else None
+
+
+def _num_layers(graph: Any) -> int:
+    """Decoder layers: the ones with weight MatMuls (the builder names the final norm layers.<N> too)."""
+    layers = [_layer_of(node.name or "") for node in graph if node.op_type == "MatMul"]
+    return max((i for i in layers if i is not None), default=-1) + 1
 
 
 def _relocate_external_data(model_path: Path, old: str, new: str) -> None:

@@ -19,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 SERVE_OPTION_FIELDS = {
     "watch_interval": "watch_interval_s", "grace_period": "grace_period_s",
     "unload_drain_timeout": "unload_drain_timeout_s", "max_new_tokens_limit": "max_new_tokens_limit",
-    "http_cors_origin": "http_cors_origins",
+    "http_cors_origin": "http_cors_origins", "adapter_memory": "adapter_memory_mb",
 }
 
 
@@ -45,6 +45,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
 @click.option("--max-batch", type=int, default=None, help="requests decoded together in one step (continuous batching)  [default: 8]")
 @click.option("--max-queue", type=int, default=None, help="requests waiting for a batch row; more get RESOURCE_EXHAUSTED  [default: 16]")
 @click.option("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill call (running streams wait at most one)  [default: 256]")
+@click.option("--speculation", type=click.Choice(["off", "ngram"]), default=None, help="speculative decoding: "
+              "ngram drafts tokens by prompt lookup (and the tokens a structured-output grammar forces) and verifies "
+              "them in one step, output unchanged; off = one token per step  [default: off]")
+@click.option("--max-draft", type=int, default=None, metavar="N", help="draft tokens per row and step  [default: 8]")
 @click.option("--max-context", type=int, default=None, help="cache positions per request  [default: the model's, at most 4096]")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the bundle's genai_config.json)")
 @click.option("--max-new-tokens-limit", type=int, default=None, help="largest max_new_tokens a request may ask  [default: 1024]")
@@ -52,11 +56,23 @@ def _load_yaml(path: str) -> dict[str, Any]:
 @click.option("--adapter-dir", default=None, help="folder LoadAdapter(path) may read  [default: BUNDLE_DIR/adapters]")
 @click.option("--watch/--no-watch", default=None, help="load .onnx_adapter files dropped into --adapter-dir")
 @click.option("--watch-interval", type=float, default=None, help="seconds between --watch polls  [default: 1.0]")
-@click.option("--max-upload-bytes", type=int, default=None, help="largest uploaded adapter  [default: 256 MiB]")
+@click.option("--adapter-memory", type=float, default=None, metavar="MB", help="MB of adapter weights held at once: "
+              "a load evicts idle adapters (least recently used, never pinned or in use); an evicted one loads "
+              "again on its next request  [default: unbounded]")
+@click.option("--pin", multiple=True, metavar="NAME", help="adapter never evicted (repeatable); loaded at start from "
+              "the bundle or --adapter-dir")
+@click.option("--lazy-load/--no-lazy-load", default=None, help="a request naming an adapter that is not loaded loads "
+              "ADAPTER_DIR/NAME.onnx_adapter first (LoRAX-style)  [default: on with --adapter-memory]")
+@click.option("--max-upload-bytes", type=int, default=None, help="largest uploaded adapter  [default: 4x the "
+              "bundle's largest adapter file, at least 16 MiB]")
 @click.option("--unload-drain-timeout", type=float, default=None, help="seconds UnloadAdapter waits for in-flight requests  [default: 30]")
 @click.option("--grace-period", type=float, default=None, help="seconds in-flight requests get on SIGTERM  [default: 30]")
 @click.option("--admin-token", default=None, envvar="SLMOPS_ADMIN_TOKEN", show_envvar=True,
-              help="bearer token the Adapters service requires")
+              help="bearer token adapter admin calls require (gRPC Adapters, HTTP /v1/adapters)  [default: none: "
+              "admin calls from this machine only (loopback), PERMISSION_DENIED / 403 from any other]")
+@click.option("--api-key", default=None, envvar="SLMOPS_API_KEY", show_envvar=True,
+              help="bearer key inference calls require (gRPC Generation; HTTP /v1/*, as the openai client's "
+              "api_key)  [default: none, open]")
 @click.option("--tls-cert", default=None, help="PEM certificate: serve TLS (with --tls-key)")
 @click.option("--tls-key", default=None, help="PEM private key of --tls-cert")
 @click.option("--verify-bundle/--no-verify-bundle", default=None, help="re-hash bundle files at start  [default: verify]")
@@ -167,13 +183,14 @@ def token_option(func: F) -> F:
                         help="admin bearer token (or $SLMOPS_ADMIN_TOKEN)")(func)
 
 
-def _client(server: str, tls: bool, ca_cert: str | None, timeout: float, token: str | None = None) -> Any:
+def _client(server: str, tls: bool, ca_cert: str | None, timeout: float, token: str | None = None,
+            api_key: str | None = None) -> Any:
     from slmops_serve.client import SlmopsClient
 
     if ca_cert is not None and not Path(ca_cert).is_file():
         raise SlmopsUsageError("--ca-cert", f"'{ca_cert}' does not exist; pass the PEM file of the CA that signed the server's certificate")
 
-    return SlmopsClient(server, token=token, tls=tls, ca_cert=ca_cert, timeout=timeout)
+    return SlmopsClient(server, token=token, tls=tls, ca_cert=ca_cert, timeout=timeout, api_key=api_key)
 
 
 def _rpc_error(exc: Any, server: str) -> click.ClickException:
@@ -215,10 +232,12 @@ def _read_text(path: str, option: str) -> str:
 @click.option("--regex", default=None, help="constrain the whole output to match this regular expression")
 @click.option("--grammar", type=click.Path(dir_okay=False), default=None, help="constrain the output to this Lark grammar file")
 @client_options
+@click.option("--api-key", envvar="SLMOPS_API_KEY", default=None,
+              help="the server's --api-key, if it has one (or $SLMOPS_API_KEY)")
 def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system: str | None, max_new_tokens: int,
                      min_new_tokens: int, temperature: float, top_p: float | None, top_k: int, seed: int | None, stop: tuple[str, ...],
                      as_json: bool, json_schema: str | None, json_object: bool, regex: str | None, grammar: str | None,
-                     server: str, tls: bool, ca_cert: str | None, timeout: float) -> None:
+                     server: str, tls: bool, ca_cert: str | None, timeout: float, api_key: str | None) -> None:
     """Generate text for PROMPT ('-' reads stdin) on a running server."""
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -247,7 +266,7 @@ def generate_command(prompt: str, adapter: str, stream: bool, chat: bool, system
         text_prompt = None
     else:
         text_prompt = prompt
-    with _client(server, tls, ca_cert, timeout) as client:
+    with _client(server, tls, ca_cert, timeout, api_key=api_key) as client:
         try:
             if stream:
                 last = None

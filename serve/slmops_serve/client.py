@@ -24,6 +24,7 @@ UPLOAD_CHUNK_BYTES = 4 << 20  # one UploadAdapter message: small enough that no 
 DEFAULT_SERVER = "localhost:50051"
 SERVER_ENV = "SLMOPS_SERVER"
 TOKEN_ENV = "SLMOPS_ADMIN_TOKEN"
+API_KEY_ENV = "SLMOPS_API_KEY"
 
 
 def build_request(prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, adapter: str = "",
@@ -50,7 +51,10 @@ class SlmopsClient:
 
     Args:
         server (str): ``host:port``; default ``$SLMOPS_SERVER`` or localhost:50051.
-        token (str | None): admin bearer token for the Adapters service; default ``$SLMOPS_ADMIN_TOKEN``.
+        token (str | None): admin bearer token for the Adapters service; default ``$SLMOPS_ADMIN_TOKEN``
+            (a server without one answers admin calls from its own machine only).
+        api_key (str | None): bearer key for Generation on a server started with ``--api-key``;
+            default ``$SLMOPS_API_KEY``.
         tls (bool): use TLS (system roots unless ``ca_cert``).
         ca_cert (str | None): PEM file of the CA (or self-signed cert) that signed the server's certificate.
         server_name (str | None): TLS name to check instead of the host (e.g. for a cert issued to "localhost").
@@ -58,9 +62,11 @@ class SlmopsClient:
     """
 
     def __init__(self, server: str | None = None, token: str | None = None, tls: bool = False,
-                 ca_cert: str | None = None, server_name: str | None = None, timeout: float | None = 120.0) -> None:
+                 ca_cert: str | None = None, server_name: str | None = None, timeout: float | None = 120.0,
+                 api_key: str | None = None) -> None:
         self.server = server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout = timeout
         options: list[tuple[str, Any]] = [("grpc.max_send_message_length", 1 << 30)]
         if tls or ca_cert:
@@ -90,11 +96,15 @@ class SlmopsClient:
     def _admin_metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
+    def _api_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> generation_pb2.GenerateResponse:
         """Unary Generate; ``kwargs`` are ``build_request``'s (adapter, max_new_tokens, temperature, ...)."""
         request = build_request(prompt, **kwargs)
-        response: generation_pb2.GenerateResponse = self.generation.Generate(request, timeout=timeout or self.timeout)
+        response: generation_pb2.GenerateResponse = self.generation.Generate(request, timeout=timeout or self.timeout,
+                                                                             metadata=self._api_metadata())
         return response
 
     def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None,
@@ -102,7 +112,7 @@ class SlmopsClient:
         """GenerateStream; the returned iterator also has ``cancel()`` (grpc's call object)."""
         request = build_request(prompt, **kwargs)
         stream: Iterator[generation_pb2.GenerateStreamResponse] = self.generation.GenerateStream(
-            request, timeout=timeout or self.timeout)
+            request, timeout=timeout or self.timeout, metadata=self._api_metadata())
         return stream
 
     # ---- adapters -----------------------------------------------------------------------------

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slmops.errors import SlmopsUsageError
 
 ADMIN_TOKEN_ENV = "SLMOPS_ADMIN_TOKEN"
+API_KEY_ENV = "SLMOPS_API_KEY"
+# Default --max-upload-bytes: this many times the largest adapter file of the bundle, at least UPLOAD_FLOOR.
+UPLOAD_FACTOR = 4
+UPLOAD_FLOOR = 16 << 20
 
 
 class ServeConfig(BaseModel):
@@ -31,6 +35,12 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(16, ge=0, le=10_000, description="requests that may wait for a batch row; beyond it RESOURCE_EXHAUSTED")
     prefill_chunk: int = Field(256, ge=16, le=65_536, description="prompt tokens per prefill call: a longer prompt is "
                                "prefilled in chunks between decode steps, so running streams wait at most one chunk")
+    speculation: Literal["off", "ngram"] = Field("off", description="speculative decoding: ngram = draft "
+                                                 "tokens by prompt lookup (and the tokens a structured-output "
+                                                 "grammar forces), verified in one step with exact output; off = "
+                                                 "one token per step (the default until a quiet-machine run shows "
+                                                 "where it pays, and int4 near-ties are settled: README)")
+    max_draft: int = Field(8, ge=1, le=32, description="draft tokens per row and step (--speculation ngram)")
     max_context: int | None = Field(None, ge=16, description="cache positions per request (prompt + output); "
                                     "default: the model's context length, at most 4096")
     threads: int | None = Field(None, ge=1, le=256, description="onnxruntime intra-op threads; default: the bundle's genai_config.json")
@@ -39,12 +49,27 @@ class ServeConfig(BaseModel):
     adapter_dir: str | None = Field(None, description="the only folder LoadAdapter(path) may read; default <bundle>/adapters")
     watch: bool = Field(False, description="load .onnx_adapter files dropped into --adapter-dir (name = file stem)")
     watch_interval_s: float = Field(1.0, gt=0, description="how often --watch polls the adapter dir")
-    max_upload_bytes: int = Field(256 << 20, ge=1, description="largest adapter LoadAdapter(data) accepts")
+    max_upload_bytes: int | None = Field(None, ge=1, description="largest adapter LoadAdapter(data) / UploadAdapter "
+                                         f"accepts; default {UPLOAD_FACTOR}x the largest adapter file of the bundle, "
+                                         f"at least {UPLOAD_FLOOR >> 20} MiB")
     unload_drain_timeout_s: float = Field(30.0, ge=0, description="UnloadAdapter waits this long for in-flight requests")
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time given to in-flight requests before exit")
-    admin_token: str | None = Field(None, description=f"bearer token the Adapters service requires (or ${ADMIN_TOKEN_ENV})")
+    admin_token: str | None = Field(None, description=f"bearer token the Adapters service and the HTTP admin routes "
+                                    f"require (or ${ADMIN_TOKEN_ENV}); without one they answer loopback peers only")
+    api_key: str | None = Field(None, description=f"bearer token the inference calls require (gRPC Generation, HTTP "
+                                f"/v1/completions, /v1/chat/completions, /v1/models; or ${API_KEY_ENV}); none = open")
     tls_cert: str | None = Field(None, description="PEM server certificate (with --tls-key: serve TLS)")
     tls_key: str | None = Field(None, description="PEM private key of --tls-cert")
+    adapter_memory_mb: float | None = Field(None, gt=0, description="MB of adapter weights held at once in any "
+                                            "form (None = unbounded): three quarters for loaded adapters, a quarter "
+                                            "for the concatenations of mixed batches; loads evict idle, unpinned "
+                                            "adapters, least recently used first; evicted ones load again on their "
+                                            "next request")
+    pin: list[str] = Field(default_factory=list, description="adapters never evicted (loaded at start from the "
+                           "bundle or --adapter-dir)")
+    lazy_load: bool | None = Field(None, description="a request naming an adapter that is not loaded loads "
+                                   "<adapter-dir>/<name>.onnx_adapter (or an evicted one) first; default: on "
+                                   "with --adapter-memory")
     verify_bundle: bool = Field(True, description="re-hash every bundle file against bundle.json at start")
     warmup_tokens: int = Field(2, ge=0, description="tokens generated once at start before health turns SERVING")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
@@ -61,7 +86,60 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"{option}: '{value}' is not a file")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("--admin_token: the token is empty")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api_key: the key is empty")
+        from slmops.contract import adapter_name_problem
+
+        for name in self.pin:
+            if adapter_name_problem(name) is not None:
+                raise ValueError(f"--pin: {adapter_name_problem(name)}")
         return self
+
+    def upload_limit(self) -> int:
+        """The largest upload accepted: --max-upload-bytes, else UPLOAD_FACTOR x the largest adapter
+        file of the bundle (bundle.json's adapters), at least UPLOAD_FLOOR."""
+        if self.max_upload_bytes is not None:
+            return self.max_upload_bytes
+        from slmops.bundle import read_manifest
+
+        largest = 0
+        try:
+            manifest = read_manifest(self.bundle_path)
+            for info in manifest.adapters.values():
+                try:
+                    largest = max(largest, (self.bundle_path / info.file).stat().st_size)
+                except OSError:
+                    continue
+        except Exception:  # noqa: BLE001 - no readable bundle.json: the floor (the server refuses such a bundle anyway)
+            largest = 0
+        self.max_upload_bytes = max(UPLOAD_FLOOR, UPLOAD_FACTOR * largest)
+        return self.max_upload_bytes
+
+    @property
+    def adapter_memory_bytes(self) -> int | None:
+        return None if self.adapter_memory_mb is None else int(self.adapter_memory_mb * (1 << 20))
+
+    @property
+    def lazy_adapters(self) -> bool:
+        return self.lazy_load if self.lazy_load is not None else self.adapter_memory_mb is not None
+
+    @property
+    def adapter_tensor_bytes(self) -> int | None:
+        """The adapters' part of --adapter-memory (slmops.runtime.memory.split_adapter_memory)."""
+        from slmops.runtime.memory import split_adapter_memory
+
+        budget = self.adapter_memory_bytes
+        return None if budget is None else split_adapter_memory(budget)[0]
+
+    @property
+    def feeds_cache_bytes(self) -> int:
+        """Bytes of mix concatenations (the LoRA feeds caches' limit): the mixes' part of
+        --adapter-memory (the runner's and the engine's caches hold views of them, dropped with them);
+        else DEFAULT_FEEDS_CACHE_BYTES."""
+        from slmops.runtime.memory import DEFAULT_FEEDS_CACHE_BYTES, split_adapter_memory
+
+        budget = self.adapter_memory_bytes
+        return DEFAULT_FEEDS_CACHE_BYTES if budget is None else split_adapter_memory(budget)[1]
 
     @property
     def bundle_path(self) -> Path:
@@ -82,6 +160,8 @@ def serve_config(values: dict[str, Any]) -> ServeConfig:
     values = {k.replace("-", "_"): v for k, v in values.items() if v is not None or k in ("metrics_port", "http_port")}
     if not values.get("admin_token") and os.environ.get(ADMIN_TOKEN_ENV):
         values["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
+    if not values.get("api_key") and os.environ.get(API_KEY_ENV):
+        values["api_key"] = os.environ[API_KEY_ENV]
     try:
         config = ServeConfig(**values)
     except ValidationError as exc:

@@ -34,10 +34,13 @@ import numpy as np
 
 from slmops.bundle import BundleError, BundleManifest, read_manifest, verify_files
 from slmops.contract import GenaiConfig
+from slmops.runtime.memory import ByteLRU, arrays_nbytes
 from slmops.runtime.runner import ModelRunner
 from slmops.runtime.text import Sampler, TemplateError, TextCodec, TokenStream
+from slmops_serve.adapter_memory import MixBuilder
 from slmops_serve.config import ServeConfig
 from slmops_serve.errors import (
+    CANCELLED,
     FAILED_PRECONDITION,
     INTERNAL,
     INVALID_ARGUMENT,
@@ -47,6 +50,7 @@ from slmops_serve.errors import (
 )
 from slmops_serve.metrics import BASE_LABEL, ServeMetrics
 from slmops_serve.registry import AdapterRegistry, LoadedAdapter
+from slmops_serve.speculation import CallCosts, RowDrafter, SpecSettings
 
 log = logging.getLogger("slmops.serve")
 
@@ -119,6 +123,9 @@ class Result:
 
 
 _DONE = object()
+# Steps that fail one after another (each failing its rows) before the scheduler counts as broken
+# and dies loudly: a runner that fails every step must not look like a healthy server.
+MAX_FAILED_STEPS = 3
 _FAILED = "failed"  # a row whose token selection raised: its error is already sent
 
 
@@ -126,14 +133,15 @@ class Generation:
     """A submitted request: iterate it for chunks (it blocks), ``cancel()`` it from any thread."""
 
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], max_new_tokens: int,
-                 adapter: LoadedAdapter | None) -> None:
+                 adapter: LoadedAdapter | None, cancelled: threading.Event | None = None) -> None:
         self.request = request
         self.request_id = request.request_id
         self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
         self.adapter = adapter
         self.arrived = time.perf_counter()
-        self.cancelled = threading.Event()
+        # the caller's cancel flag (set by its RPC callback, maybe already during admission) or a new one
+        self.cancelled = cancelled if cancelled is not None else threading.Event()
         self.finished = threading.Event()
         self._events: queue.Queue[Any] = queue.Queue()
         self._on_cancel: Callable[[], None] | None = None
@@ -235,9 +243,10 @@ class AdapterStore:
             return sorted(self._tensors)
 
 
-def allowed_only(logits: np.ndarray, matcher: Any, eos_ids: set[int]) -> np.ndarray:
-    """``logits`` with every token the grammar does not allow next set to -inf."""
-    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+def allowed_only(logits: np.ndarray, matcher: Any, eos_ids: set[int], mask: np.ndarray | None = None) -> np.ndarray:
+    """``logits`` with every token the grammar does not allow next set to -inf; ``mask``: the
+    matcher's bitmask computed already (int32 words, :meth:`Grammars.masks`), else computed here."""
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8) if mask is None else mask.view(np.uint8)
     allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[-1]].astype(bool)
     if allowed.shape[0] < logits.shape[-1]:  # tokens past the tokenizer's vocabulary: never allowed
         allowed = np.concatenate([allowed, np.zeros(logits.shape[-1] - allowed.shape[0], bool)])
@@ -254,6 +263,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self.eos_ids = sorted(eos_ids)
         self._tokenizer: Any = None
+        self._executor: Any = None
         self._lock = threading.Lock()
 
     def matcher(self, request: GenerationRequest) -> Any:
@@ -291,6 +301,33 @@ class Grammars:
                              f"{matcher.get_error()[:300]}")
         return matcher
 
+    def masks(self, items: list[tuple[Any, list[int]]], vocab: int) -> list[np.ndarray]:
+        """The next-token bitmasks of several matchers in ONE llguidance call (its thread pool):
+        for each ``(matcher, draft)`` an int32 array ``[1 + len(draft), words]`` whose row i is the
+        mask after the matcher consumed ``draft[:i]`` (the matcher's state is left as it was; rows
+        past a draft token the grammar refuses are left all-allowed and never used)."""
+        import llguidance.numpy as llg_numpy
+
+        with self._lock:
+            if self._executor is None:
+                import llguidance
+
+                self._executor = llguidance.LLExecutor()
+            executor = self._executor
+        words = (vocab + 31) // 32
+        offsets, total = [], 0
+        for _, draft in items:
+            offsets.append(total)
+            total += 1 + len(draft)
+        bitmask = np.full((total, words), -1, np.int32)
+        if any(draft for _, draft in items):
+            llg_numpy.fill_next_token_bitmask_par_with_draft_tokens(
+                executor, [(m, offset, list(draft)) for (m, draft), offset in zip(items, offsets, strict=True)], bitmask)
+        else:
+            llg_numpy.fill_next_token_bitmask_par(executor, [(m, offset) for (m, _), offset in zip(items, offsets, strict=True)],
+                                                  bitmask)
+        return [bitmask[offset:offset + 1 + len(draft)] for (_, draft), offset in zip(items, offsets, strict=True)]
+
     def _llg_tokenizer(self) -> Any:
         with self._lock:
             if self._tokenizer is None:
@@ -312,12 +349,20 @@ class Row:
     prefill is, its sampler, its text and stop-string state."""
 
     def __init__(self, gen: Generation, lora: tuple[str, dict[str, np.ndarray]] | None, stream: TokenStream,
-                 eos_ids: set[int], matcher: Any = None) -> None:
+                 eos_ids: set[int], matcher: Any = None, spec: SpecSettings | None = None) -> None:
         request = gen.request
         self.gen = gen
         self.matcher = matcher  # llguidance LLMatcher of a structured-output request
         self.lora = lora
         self.ids = np.asarray(gen.prompt_ids, np.int64)
+        # prompt + output tokens, what prompt-lookup drafts are looked up in (speculation on only)
+        self.drafter = RowDrafter(spec) if spec is not None and spec.enabled else None
+        self.history = np.empty(0, np.int64)
+        self.history_length = 0
+        if self.drafter is not None:
+            self.history = np.empty(len(self.ids) + gen.max_new_tokens + 1, np.int64)
+            self.history[:len(self.ids)] = self.ids
+            self.history_length = len(self.ids)
         self.prefilled = 0  # prompt tokens in the cache
         self.length = 0  # cache positions of this row
         self.next_token = -1  # sampled, emitted, not yet fed to the graph
@@ -338,13 +383,21 @@ class Row:
     def prefill_done(self) -> bool:
         return self.prefilled == len(self.ids)
 
-    def take(self, logits: np.ndarray) -> None:
-        """Sample the next token from ``logits`` and advance the text; sets ``finish`` when done."""
-        if self.produced < self.gen.request.min_new_tokens:
+    def take(self, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Sample the next token from ``logits`` and advance the text; sets ``finish`` when done.
+        ``mask``: the grammar's bitmask for this token when computed already (for the batch)."""
+        suppress_eos = self.produced < self.gen.request.min_new_tokens
+        if suppress_eos:
             logits = logits.copy()
             logits[list(self.eos_ids)] = -np.inf
         if self.matcher is not None:
-            logits = allowed_only(logits, self.matcher, self.eos_ids)
+            logits = allowed_only(logits, self.matcher, self.eos_ids, mask)
+            if suppress_eos and not np.isfinite(logits).any():
+                # the grammar allows only end-of-sequence here, which min_new_tokens forbids: say so
+                # instead of sampling from nothing (that emitted token 0)
+                raise ServeError(INVALID_ARGUMENT, "min_new_tokens", f"{self.gen.request.min_new_tokens} cannot be met: "
+                                 f"the structured-output constraint allows only end-of-sequence after {self.produced} "
+                                 "tokens; lower min_new_tokens or loosen the constraint")
         token = self.sampler(logits)
         if self.matcher is not None:
             self.matcher.consume_token(token)
@@ -363,6 +416,9 @@ class Row:
                 self.finish = FINISH_STOP
                 return
         self.next_token = token
+        if self.drafter is not None and self.history_length < len(self.history):
+            self.history[self.history_length] = token
+            self.history_length += 1
         safe = len(self.text) - self.holdback
         if safe > self.emitted:
             self.gen._put(Chunk(text=self.text[self.emitted:safe], adapter=self.gen.adapter_name,
@@ -370,6 +426,23 @@ class Row:
             self.emitted = safe
         if self.produced >= self.gen.max_new_tokens:
             self.finish = FINISH_LENGTH
+
+
+    def draft(self, room: int, corpus: Any = ()) -> tuple[list[int], int]:
+        """This step's draft tokens after ``next_token`` (at most ``room``) and how many of them come
+        from the grammar (forced: jump-forward); the rest are prompt-lookup guesses (from the row's
+        prompt and output, else from ``corpus``: recent outputs of the same adapter)."""
+        if self.drafter is None or room <= 0:
+            return [], 0
+        forced: list[int] = []
+        if self.matcher is not None:
+            forced = [t for t in self.matcher.compute_ff_tokens()[:room] if t not in self.eos_ids]
+        history, length = self.history, self.history_length
+        if forced:
+            history = np.concatenate([history[:length], np.asarray(forced, np.int64)])
+            length = len(history)
+        guess = self.drafter.propose(history, length, room - len(forced), corpus)
+        return forced + [int(t) for t in guess], len(forced)
 
 
 class Engine:
@@ -407,9 +480,25 @@ class Engine:
         # Called in the scheduler before every decode step, once per row about to step (tests hold
         # requests in flight with it; a blocking hook holds the whole batch).
         self.token_hook: Callable[[Generation, int], None] | None = None
+        # Fault injection, for tests: called by the scheduler with "step" at the start of each step,
+        # "join" when a request was taken from the queue but is not a batch row yet, and "handler" in
+        # the step-error handler. What it raises is what a real fault at that point would raise.
+        self.fault_hook: Callable[[str], None] | None = None
+        # Called once, from the scheduler thread, after it died and failed every request (the server
+        # turns health NOT_SERVING).
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self._failure: BaseException | None = None  # why the scheduler died; None while it runs
+        self._popped: Generation | None = None  # taken from the queue, not yet a row
         self._thread: threading.Thread | None = None
-        self._feeds_cache: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+        # a batch's rows' adapter versions -> their LoRA feeds (masks included), bounded in bytes
+        self._feeds_cache: ByteLRU[dict[str, np.ndarray]] = ByteLRU(config.feeds_cache_bytes)
+        self._mixes: MixBuilder | None = None  # builds a new mix's concatenation off this thread
         self._forgotten: set[str] = set()  # unloaded adapter versions whose cached feeds must go
+        self.spec = SpecSettings(mode=config.speculation, max_draft=config.max_draft)
+        self._costs = CallCosts()  # measured graph-call seconds by shape: what a draft costs here, now
+        # adapter version ("" = base) -> its recent outputs (drafts for rows whose own text has no
+        # match) and its rows' last acceptance rate (a new row's prior); bounded
+        self._corpus: collections.OrderedDict[str, tuple[collections.deque[np.ndarray], float]] = collections.OrderedDict()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -426,7 +515,8 @@ class Engine:
         try:
             self.runner = ModelRunner(model_dir, manifest.lora_template, rows=self.config.max_batch,
                                       threads=self.config.threads, max_length=self.config.max_context,
-                                      execution_provider=manifest.target.execution_provider)
+                                      execution_provider=manifest.target.execution_provider,
+                                      feeds_cache_bytes=self.config.feeds_cache_bytes)
         except ValueError as exc:
             raise BundleError(f"{self.bundle_dir}: {exc}") from exc
         self.threads = self.runner.threads
@@ -436,10 +526,19 @@ class Engine:
         self.grammars = Grammars(model_dir / "tokenizer.json", self.runner.info.vocab_size, self.eos_ids)
         self.store = AdapterStore(on_unload=self._forget)
         self.registry = AdapterRegistry(self.store, manifest.lora_template, self.config.adapter_path,
-                                        self.config.max_upload_bytes, on_change=self._adapters_changed,
-                                        on_unload_failed=self._adapter_unload_failed)
+                                        self.config.upload_limit(), on_change=self._adapters_changed,
+                                        on_unload_failed=self._adapter_unload_failed,
+                                        memory_budget=self.config.adapter_tensor_bytes, pinned=self.config.pin,
+                                        lazy=self.config.lazy_adapters, on_evict=self._adapter_evicted,
+                                        on_lazy_load=self._adapter_lazy_loaded)
+        self.metrics.adapter_memory_budget.set(self.config.adapter_memory_bytes or 0)
+        self.metrics.spec_max_draft.set(self.spec.max_draft if self.spec.enabled else 0)
+        if self.runner.bank is not None:
+            self._mixes = MixBuilder(self.runner.bank, on_ready=self._wake)
+            self.runner.bank.cache.add_evict_listener(self._mix_evicted)
         for name, info in sorted(manifest.adapters.items()):
             self.registry.load(name, path=self.bundle_dir / info.file, sha256=info.sha256, source="bundle", trusted_path=True)
+        self._load_pinned()
         cores = os.cpu_count() or 1
         if self.threads and self.threads > cores:
             log.warning("threads exceed the CPU cores: steps will be slower, not faster",
@@ -477,7 +576,13 @@ class Engine:
     @property
     def ready(self) -> bool:
         with self._lock:
-            return self._accepting
+            return self._accepting and self._failure is None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the scheduler thread died (the engine then refuses everything); None while it runs."""
+        with self._lock:
+            return self._failure
 
     def stop_accepting(self) -> None:
         with self._lock:
@@ -489,7 +594,9 @@ class Engine:
         """Stop admitting, wait up to ``timeout`` s for admitted requests; cancel what is left. True if drained."""
         self.stop_accepting()
         with self._lock:
-            drained = self._lock.wait_for(lambda: self._admitted == 0, timeout=timeout)
+            # a dead scheduler has failed every request already: nothing to wait for
+            drained = self._lock.wait_for(lambda: self._admitted == 0 or self._failure is not None, timeout=timeout)
+            drained = drained and self._failure is None
             left = list(self._live)
         if not drained:
             for gen in left:
@@ -509,6 +616,8 @@ class Engine:
             self._thread.join(timeout=30)
         if self.registry is not None:
             self.registry.close()
+        if self._mixes is not None:
+            self._mixes.close()
 
     @property
     def admitted(self) -> int:
@@ -532,17 +641,32 @@ class Engine:
             raise ServeError(FAILED_PRECONDITION, "messages", f"the bundle's chat template cannot render them ({exc}); "
                              "send a plain prompt instead") from exc
 
-    def submit(self, request: GenerationRequest) -> Generation:
+    def submit(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
         """Admit ``request`` or raise ServeError (UNAVAILABLE not ready, RESOURCE_EXHAUSTED full,
-        NOT_FOUND unknown adapter, INVALID_ARGUMENT prompt too long)."""
-        return self._admit(request, force=False)
+        NOT_FOUND unknown adapter, INVALID_ARGUMENT prompt too long, CANCELLED when ``cancel`` was set
+        before the admission work was done). ``cancel`` becomes the generation's cancel flag: a caller
+        registers it before submitting, so a client that leaves during tokenizing or grammar
+        compilation stops costing work."""
+        return self._admit(request, force=False, cancel=cancel)
 
     def generate(self, request: GenerationRequest) -> Result:
         return self.submit(request).result()
 
-    def _admit(self, request: GenerationRequest, force: bool) -> Generation:
+    def _refuse_if_dead(self) -> None:
+        failure = self._failure
+        if failure is not None:
+            raise ServeError(UNAVAILABLE, "", f"the server's scheduler died ({type(failure).__name__}); the server is "
+                             "unhealthy and about to be restarted; retry on another server or later")
+
+    def _check_cancel(self, cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise ServeError(CANCELLED, "", "the client cancelled the request before it was admitted")
+
+    def _admit(self, request: GenerationRequest, force: bool, cancel: threading.Event | None = None) -> Generation:
+        self._refuse_if_dead()
         if not force and not self.ready:
             raise ServeError(UNAVAILABLE, "", "the server is not ready (loading the model or shutting down); retry later")
+        self._check_cancel(cancel)
         assert self.tokenizer is not None
         if not request.request_id:
             request.request_id = uuid.uuid4().hex[:16]
@@ -553,12 +677,15 @@ class Engine:
         if len(ids) == 0:
             raise ServeError(INVALID_ARGUMENT, "prompt", "encodes to zero tokens; send some text")
         assert self.grammars is not None
+        self._check_cancel(cancel)  # the client left while the prompt was tokenized: skip the grammar
         matcher = self.grammars.matcher(request)  # compiled here, in the caller's thread, not the scheduler's
+        self._check_cancel(cancel)
         if len(ids) >= self.context_length:
             field_name = "messages" if request.messages is not None else "prompt"
             raise ServeError(INVALID_ARGUMENT, field_name, f"is {len(ids)} tokens; the server's context length is "
                              f"{self.context_length}, leaving no room to generate")
         with self._lock:
+            self._refuse_if_dead()
             if not self._accepting and not force:
                 raise ServeError(UNAVAILABLE, "", "the server is not ready (loading the model or shutting down); retry later")
             if self._admitted >= self.config.capacity and not force:
@@ -570,10 +697,11 @@ class Engine:
             if request.adapter:
                 assert self.registry is not None
                 adapter = self.registry.acquire(request.adapter)
-            gen = Generation(request, ids, max_new, adapter)
+            gen = Generation(request, ids, max_new, adapter, cancelled=cancel)
             gen.matcher = matcher
             gen._on_cancel = self._wake
             with self._lock:
+                self._refuse_if_dead()  # the scheduler died meanwhile: nobody would serve this request
                 self._live.add(gen)
                 self._waiting.append(gen)
                 self._update_queue_gauge()
@@ -599,12 +727,24 @@ class Engine:
 
     # ---- the scheduler ------------------------------------------------------------------------
     def _loop(self) -> None:
+        """The scheduler thread. A failed step fails its rows (INTERNAL) and the server goes on; if the
+        handling itself fails, or MAX_FAILED_STEPS steps in a row fail, or anything else escapes, the
+        thread dies through :meth:`_die`: every request fails and ``on_fatal`` turns health NOT_SERVING."""
+        try:
+            self._steps()
+        except BaseException as exc:  # noqa: BLE001 - any death is made loud, never silent
+            self._die(exc)
+
+    def _steps(self) -> None:
+        failed_in_a_row = 0
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._stopping or self._waiting or self._rows)
                 if self._stopping and not self._rows and not self._waiting:
                     return
             try:
+                if self.fault_hook is not None:
+                    self.fault_hook("step")
                 self._purge_unloaded()
                 self._drop_cancelled()
                 self._join_waiting()
@@ -612,11 +752,64 @@ class Engine:
                     self._prefill()
                 if self._rows and self._rows[0].prefill_done:
                     self._decode()
+                failed_in_a_row = 0
             except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, the server goes on
-                log.exception("step failed", extra={"fields": {"event": "step_error"}})
+                failed_in_a_row += 1
+                log.exception("step failed", extra={"fields": {"event": "step_error", "in_a_row": failed_in_a_row}})
+                if self.fault_hook is not None:
+                    self.fault_hook("handler")
+                error = ServeError(INTERNAL, "", f"generation failed: {type(exc).__name__}: {exc}")
                 for index in reversed(range(len(self._rows))):
-                    self._rows[index].gen._put(ServeError(INTERNAL, "", f"generation failed: {type(exc).__name__}: {exc}"))
+                    self._rows[index].gen._put(error)
                     self._remove(index, None)
+                popped, self._popped = self._popped, None
+                if popped is not None:
+                    popped._put(error)
+                    self._release(popped, started=False)
+                if failed_in_a_row >= MAX_FAILED_STEPS:
+                    raise RuntimeError(f"{failed_in_a_row} steps in a row failed, the last with "
+                                       f"{type(exc).__name__}: {exc}") from exc
+
+    def _die(self, exc: BaseException) -> None:
+        """The scheduler thread is dying: refuse everything from now on, fail every admitted request
+        (waiting, taken from the queue, running) with UNAVAILABLE so no client blocks, then tell the
+        server (``on_fatal``). Runs in the dying thread; never raises."""
+        log.critical("the scheduler died", exc_info=exc, extra={"fields": {"event": "scheduler_died"}})
+        with self._lock:
+            self._failure = exc
+            self._accepting = False
+            self._draining = True
+            gens = list(self._live)
+            rows = len(self._rows)
+            self._live.clear()
+            self._waiting.clear()
+            self._rows.clear()
+            self._popped = None
+            self._admitted = 0
+            self._lock.notify_all()
+        error = ServeError(UNAVAILABLE, "", f"the server's scheduler died ({type(exc).__name__}: {exc}); the server is "
+                           "unhealthy and about to be restarted; retry on another server or later")
+        for gen in gens:
+            try:
+                gen._put(error)
+                if gen.adapter is not None and self.registry is not None:
+                    self.registry.release(gen.adapter)
+            except Exception:  # noqa: BLE001 - the next request must still be failed
+                log.exception("failing a request after the scheduler died", extra={"fields": {"event": "die_error"}})
+            finally:
+                gen.finished.set()
+                gen._put(_DONE)
+        try:
+            self.metrics.ready.set(0)
+            self.metrics.queue_depth.set(0)
+            self.metrics.active.dec(rows)
+        except Exception:  # noqa: BLE001
+            pass
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(exc)
+            except Exception:  # noqa: BLE001
+                log.exception("on_fatal failed", extra={"fields": {"event": "die_error"}})
 
     def _join_waiting(self) -> None:
         """Move waiting requests into free rows (first come, first served)."""
@@ -626,15 +819,22 @@ class Engine:
                 if not self._waiting:
                     return
                 gen = self._waiting.popleft()
+                self._popped = gen  # in neither list now: a failing step must still answer it
                 self._update_queue_gauge()
+            if self.fault_hook is not None:
+                self.fault_hook("join")
             if gen.cancelled.is_set():
+                self._popped = None
                 self._finish_unstarted(gen)
                 continue
             lora = (gen.adapter.internal, self.store.tensors(gen.adapter.internal)) if gen.adapter is not None else None
-            row = Row(gen, lora, self.tokenizer.stream(), self.eos_ids, gen.matcher)
+            row = Row(gen, lora, self.tokenizer.stream(), self.eos_ids, gen.matcher, self.spec)
+            if row.drafter is not None and self._adapter_key(row) in self._corpus:
+                row.drafter.rate = self._corpus[self._adapter_key(row)][1]
             self.metrics.queue_seconds.observe(row.started - gen.arrived)
             with self._lock:
                 self._rows.append(row)
+                self._popped = None
             self.metrics.active.inc()
 
     def _prefill(self) -> None:
@@ -647,9 +847,14 @@ class Engine:
         chunk = self.config.prefill_chunk
         first = pending[0]
         if first.prefilled > 0 or len(first.ids) > chunk:
-            ids = first.ids[first.prefilled:first.prefilled + chunk]
+            ids = first.ids[first.prefilled:first.prefilled + self._prefill_slice(start)]
             feeds, key = self._lora_feeds([first])
+            if feeds is None:  # its adapter's feeds are being built: it waits, the decoding rows go on
+                self._idle_unless(start > 0)
+                return
+            started = time.perf_counter()
             logits = self.runner.prefill(start, ids, first.prefilled, feeds, key)
+            self._costs.observe_prefill(len(ids), time.perf_counter() - started)
             first.prefilled += len(ids)
             first.length = first.prefilled
             if first.prefill_done:
@@ -658,19 +863,35 @@ class Engine:
         group = [first]
         for row in pending[1:]:
             longest = max(len(r.ids) for r in (*group, row))
-            if row.prefilled > 0 or longest * (len(group) + 1) > max(chunk, longest):
+            if row.prefilled > 0 or longest * (len(group) + 1) > max(chunk, longest) or not self._feeds_ready([*group, row]):
                 break
             group.append(row)
+        feeds, key = self._lora_feeds(group)
+        if feeds is None:  # the first row's adapter feeds are being built: it waits
+            self._idle_unless(start > 0)
+            return
         width = max(len(r.ids) for r in group)
         ids = np.zeros((len(group), width), np.int64)
         for i, row in enumerate(group):
             ids[i, :len(row.ids)] = row.ids
         lengths = np.array([len(r.ids) for r in group], np.int64)
-        logits = self.runner.prefill_rows(start, ids, lengths, *self._lora_feeds(group))
+        logits = self.runner.prefill_rows(start, ids, lengths, feeds, key)
         for row in group:
             row.prefilled = row.length = len(row.ids)
         for i in reversed(range(len(group))):
             self._first_token(start + i, logits[i])
+
+    def _prefill_slice(self, decoding: int) -> int:
+        """Tokens of a long prompt to prefill in this step. Alone: ``--prefill-chunk``. While
+        ``decoding`` rows decode: what takes about two of their decode steps (measured), at least
+        16, so a long prompt arriving does not pause running streams for more than ~3x their usual
+        gap between tokens (a token budget per step, as vLLM's chunked prefill; the prompt's own
+        first token comes later, in more, smaller calls)."""
+        chunk = self.config.prefill_chunk
+        if decoding == 0 or getattr(self.runner, "length_switched_rope", False):
+            return chunk  # LongRoPE: slices smaller than the chunk would change the answer (runner.py)
+        budget = self._costs.prefill_budget(decoding, 2.0)
+        return chunk if budget is None else max(16, min(chunk, budget))
 
     def _first_token(self, index: int, logits: np.ndarray) -> None:
         row = self._rows[index]
@@ -678,10 +899,14 @@ class Engine:
         if row.finish is not None:
             self._remove(index, None if row.finish == _FAILED else row.finish)
 
-    def _take(self, row: Row, logits: np.ndarray) -> None:
+    def _take(self, row: Row, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Advance ``row`` by its next token; a failure (sampler, grammar) ends that row only."""
         try:
-            row.take(logits)
+            row.take(logits, mask)
+        except ServeError as error:  # the request cannot be served as asked (e.g. grammar vs min_new_tokens)
+            row.gen._put(error)
+            row.finish = _FAILED
+            return
         except Exception as exc:  # noqa: BLE001 - reported to this request as INTERNAL
             log.exception("token selection failed", extra={"fields": {"event": "row_error", "request_id": row.gen.request_id}})
             row.gen._put(ServeError(INTERNAL, "", f"generation failed: {type(exc).__name__}: {exc}"))
@@ -703,45 +928,258 @@ class Engine:
             rows = self._rows[:count]
             if not rows:
                 return
-        tokens = np.array([r.next_token for r in rows], np.int64)
         lengths = np.array([r.length for r in rows], np.int64)
-        logits = self.runner.decode(tokens, lengths, *self._lora_feeds(rows))
+        # a lone row verifies its draft in its decode call; in a batch every row decodes one token
+        # together and then the rows whose draft is likely to pay verify it, one call each
+        drafts = [self._worth(rows[0], self._drafts(rows)[0], 1)] if len(rows) == 1 else [([], 0)]
+        width = 1 + len(drafts[0][0])
+        tokens = np.zeros((len(rows), width), np.int64)
+        tokens[:, 0] = [r.next_token for r in rows]
+        tokens[0, 1:] = drafts[0][0]
+        feeds, key = self._lora_feeds(rows)
+        if feeds is not None:
+            logits = self._step(tokens, lengths, feeds, key, 0)
+        else:  # the mix is being built: the rows whose adapters are at hand step, in contiguous groups
+            rows, logits = self._decode_split(rows, tokens, lengths)
         self.metrics.batch_size.observe(len(rows))
+        masks = self._masks(rows, drafts if width > 1 else [([], 0)] * len(rows))
         for row, row_logits in zip(rows, logits, strict=True):
+            mask = masks.get(id(row))
             row.length += 1
-            self._take(row, row_logits)
+            self._take(row, row_logits[0], None if mask is None else mask[0])
+            if width > 1:
+                self._accept(row, drafts[0], row_logits[1:], None if mask is None else mask[1:])
+        if len(rows) > 1 and self.spec.enabled:
+            self._verify_drafts(rows)
         for index in reversed(range(count)):
             row = self._rows[index]
             if row.finish is not None:
                 self._remove(index, None if row.finish == _FAILED else row.finish)
+        self._release_memory()
 
-    def _lora_feeds(self, rows: list[Row]) -> tuple[dict[str, np.ndarray], Any]:
+    def _masks(self, rows: list[Row], drafts: list[tuple[list[int], int]]) -> dict[int, np.ndarray]:
+        """Grammar bitmasks of the structured-output rows among ``rows`` for their next token and
+        after each of their draft tokens, all in one llguidance call (by ``id(row)``)."""
+        assert self.grammars is not None and self.runner is not None
+        guided = [(row, draft) for row, (draft, _) in zip(rows, drafts, strict=True)
+                  if row.matcher is not None and row.finish is None]
+        if not guided:
+            return {}
+        try:
+            masks = self.grammars.masks([(row.matcher, draft) for row, draft in guided], self.runner.info.vocab_size)
+        except Exception:  # noqa: BLE001 - each row computes its own mask instead
+            log.exception("batch grammar masks failed", extra={"fields": {"event": "mask_error"}})
+            return {}
+        return {id(row): mask for (row, _), mask in zip(guided, masks, strict=True)}
+
+    def _accept(self, row: Row, draft: tuple[list[int], int], logits: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """After ``row`` took the token of its first position: take the drafts' logits while the
+        token taken equals the draft (``logits[j]`` follows draft token j, ``masks[j]`` is its
+        grammar mask when computed already)."""
+        tokens, forced = draft
+        accepted = 0
+        for position, token in enumerate(tokens):
+            if row.finish is not None or row.next_token != token:
+                break
+            row.length += 1
+            self._take(row, logits[position], None if masks is None else masks[position])
+            accepted += 1
+        self._count_speculation(row, tokens, forced, accepted)
+
+    def _verify_drafts(self, rows: list[Row]) -> None:
+        """In a batch of several rows: rows whose draft is expected to give at least as many tokens
+        as a batch step gives the whole batch verify ``[next token, draft]`` in a call of their own
+        (onnxruntime's CPU GroupQueryAttention takes several tokens over a cached past only for one
+        row per call), with their own adapter."""
+        assert self.runner is not None
+        candidates = [r for r in rows if r.finish is None and r.drafter is not None]
+        if not candidates:
+            return
+        for row in candidates:
+            draft = self._worth(row, self._drafts([row])[0], len(rows))
+            if not draft[0]:
+                continue
+            index = self._rows.index(row)
+            feeds, key = self._lora_feeds([row], build=False)
+            if feeds is None:
+                continue
+            tokens = np.asarray([[row.next_token, *draft[0]]], np.int64)
+            logits = self._step(tokens, np.asarray([row.length], np.int64), feeds, key, index)[0]
+            mask = self._masks([row], [draft]).get(id(row))
+            row.length += 1
+            self._take(row, logits[0], None if mask is None else mask[0])
+            self._accept(row, draft, logits[1:], None if mask is None else mask[1:])
+
+    def _worth(self, row: Row, draft: tuple[list[int], int], batch: int) -> tuple[list[int], int]:
+        """The part of ``row``'s draft worth verifying in a call of its own, by the measured cost of
+        calls here (:class:`CallCosts`) and the row's acceptance rate; empty when none pays against
+        a plain step of ``batch`` rows."""
+        tokens, forced = draft
+        if not tokens or row.drafter is None:
+            return [], 0
+        k = self._costs.best_length(forced, len(tokens) - forced, row.drafter.rate, batch)
+        if k == 0:
+            row.drafter.skipped()
+        return tokens[:k], min(forced, k)
+
+    def _drafts(self, rows: list[Row]) -> list[tuple[list[int], int]]:
+        """Each row's draft tokens for this step and how many of them the grammar forced: at most
+        ``--max-draft``, no more than its output or the context has room for."""
+        drafts: list[tuple[list[int], int]] = []
+        for row in rows:
+            room = min(self.spec.max_draft, row.gen.max_new_tokens - row.produced - 1,
+                       self.context_length - row.length - 1)
+            corpus = self._corpus.get(self._adapter_key(row))
+            try:
+                drafts.append(row.draft(room, corpus[0] if corpus else ()) if row.finish is None else ([], 0))
+            except Exception:  # noqa: BLE001 - a draft is only a guess: the row steps without one
+                log.exception("drafting failed", extra={"fields": {"event": "draft_error", "request_id": row.gen.request_id}})
+                drafts.append(([], 0))
+        return drafts
+
+    def _count_speculation(self, row: Row, draft: list[int], forced: int, accepted: int) -> None:
+        """Metrics and the row's adaptivity after a step that verified ``draft`` (``forced`` of its
+        tokens from the grammar) of which ``accepted`` were taken."""
+        if row.drafter is not None:
+            row.drafter.update(len(draft) - forced, max(0, accepted - forced))
+        m = self.metrics
+        m.spec_row_steps.inc()
+        m.spec_emitted_tokens.inc(accepted + 1)
+        if draft:
+            m.spec_drafted_tokens.labels("grammar").inc(forced)
+            m.spec_drafted_tokens.labels("ngram").inc(len(draft) - forced)
+            m.spec_accepted_tokens.labels("grammar").inc(min(forced, accepted))
+            m.spec_accepted_tokens.labels("ngram").inc(max(0, accepted - forced))
+
+    def _step(self, tokens: np.ndarray, lengths: np.ndarray, feeds: dict[str, np.ndarray], key: Any,
+              start: int) -> np.ndarray:
+        """Logits ``[n, width, vocab]`` of rows ``[start, start + n)`` fed ``tokens`` ``[n, width]``:
+        one token each (a plain decode step) or their drafts too (one verifying call)."""
+        assert self.runner is not None
+        started = time.perf_counter()
+        if tokens.shape[1] == 1:
+            logits = self.runner.decode(tokens[:, 0], lengths, feeds, key, start=start)[:, None]
+        else:
+            self.metrics.spec_steps.inc()
+            logits = self.runner.verify(tokens, lengths, feeds, key, start=start)
+        self._costs.observe(tokens.shape[0], tokens.shape[1], time.perf_counter() - started)
+        return logits
+
+    @staticmethod
+    def _adapter_key(row: Row) -> str:
+        return row.lora[0] if row.lora is not None else ""
+
+    def _remember(self, row: Row) -> None:
+        """A finished row's output and acceptance rate become its adapter's drafting corpus and prior."""
+        if row.drafter is None or row.history_length <= len(row.ids):
+            return
+        key = self._adapter_key(row)
+        outputs = self._corpus[key][0] if key in self._corpus else collections.deque(maxlen=4)
+        outputs.appendleft(row.history[len(row.ids):row.history_length].copy())
+        self._corpus[key] = (outputs, row.drafter.rate)
+        self._corpus.move_to_end(key)
+        while len(self._corpus) > 64:
+            self._corpus.popitem(last=False)
+
+    def _decode_split(self, rows: list[Row], tokens: np.ndarray, lengths: np.ndarray) -> tuple[list[Row], np.ndarray]:
+        """Decode ``rows`` as contiguous groups whose LoRA feeds need no new concatenation; a row whose
+        own adapter's feeds are not ready skips this step. Returns the rows that stepped and their logits."""
+        assert self.runner is not None
+        stepped: list[Row] = []
+        parts: list[np.ndarray] = []
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            if not self._feeds_ready(rows[start:end]):
+                start = end
+                continue
+            while end < len(rows) and self._feeds_ready(rows[start:end + 1]):
+                end += 1
+            feeds, key = self._lora_feeds(rows[start:end], build=False)
+            if feeds is not None:
+                parts.append(self._step(tokens[start:end], lengths[start:end], feeds, key, start))
+                stepped.extend(rows[start:end])
+            start = end
+        if not stepped:
+            self._idle_unless(False)
+            return [], np.zeros((0, tokens.shape[1], 0), np.float32)
+        return stepped, np.concatenate(parts)
+
+    def _feeds_ready(self, rows: list[Row]) -> bool:
+        """Whether the LoRA feeds of ``rows`` are at hand without a copy on this thread."""
+        assert self.runner is not None
+        bank = self.runner.bank
+        if bank is None or self._mixes is None:
+            return True
+        return bank.ready({r.lora[0]: r.lora[1] for r in rows if r.lora is not None})
+
+    def _idle_unless(self, busy: bool) -> None:
+        """Nothing could run this step but rows wait for a mix: sleep until it is built (briefly)."""
+        if not busy and self._mixes is not None:
+            self._mixes.wait(0.05)
+
+    def _lora_feeds(self, rows: list[Row], build: bool = True) -> tuple[dict[str, np.ndarray] | None, Any]:
         """The LoRA feeds of ``rows`` and their key (the row order of adapter versions): computed
-        once per batch composition, not per step."""
+        once per batch composition, not per step. None when they need a concatenation that is not
+        built yet: it is requested from the mix builder (``build``) and the rows wait."""
         assert self.runner is not None
         key = ("lora", *(r.lora[0] if r.lora is not None else None for r in rows))
-        if self.runner.bank is None or all(r.lora is None for r in rows):
+        bank = self.runner.bank
+        if bank is None or all(r.lora is None for r in rows):
             return {}, key
         cached = self._feeds_cache.get(key)
         if cached is None:
-            cached = self.runner.bank.feeds([r.lora for r in rows])
-            if len(self._feeds_cache) >= 8:
-                self._feeds_cache.pop(next(iter(self._feeds_cache)))
-            self._feeds_cache[key] = cached
+            adapters = [r.lora for r in rows]
+            tensors_of = {r.lora[0]: r.lora[1] for r in rows if r.lora is not None}
+            inline = self._mixes is None or self._mixes.failed(tensors_of) is not None
+            cached = bank.ready_feeds(adapters, build=inline)
+            if cached is None:
+                if build and self._mixes is not None:
+                    self._mixes.request(tensors_of)
+                return None, key
+            self._feeds_cache.put(key, cached, arrays_nbytes(cached.values()))
         return cached, key
 
+    def _release_memory(self) -> None:
+        """After a step: shrink the KV cache once a burst is over (the longest live row uses a quarter
+        of its capacity or less), and report the bytes held."""
+        runner = self.runner
+        if runner is None:
+            return
+        longest = max((max(r.length, r.prefilled) for r in self._rows), default=0)
+        if runner.shrink_cache(len(self._rows), longest) and self._mixes is not None:
+            self._mixes.trim()  # malloc_trim on the builder thread, not this one
+        self.metrics.kv_cache_bytes.set(runner.cache.nbytes)
+        if runner.bank is not None:
+            self.metrics.lora_feeds_bytes.labels("bank").set(runner.bank.cache.nbytes)
+        self.metrics.lora_feeds_bytes.labels("runner").set(runner.static_cache.nbytes)
+        self.metrics.lora_feeds_bytes.labels("engine").set(self._feeds_cache.nbytes)
+
     def _forget(self, internal: str) -> None:
-        """An adapter version was unloaded (no row holds it): the scheduler drops its cached feeds."""
+        """An adapter version was unloaded (no row holds it): its cached feeds are dropped now, from
+        this thread (the caches are thread-safe, and no step can be using a version no row holds),
+        so an idle server frees the memory too."""
         with self._lock:
             self._forgotten.add(internal)
+        if self._mixes is not None:
+            self._mixes.forget(internal)
+        self._purge_unloaded()
+
+    def _mix_evicted(self, keys: Any, _value: Any) -> None:
+        """The bank dropped a concatenation: drop the feeds and OrtValues that view its arrays too, so
+        the bytes are really freed (else they stay alive beyond the mixes' share of --adapter-memory)."""
+        gone = set(keys) if isinstance(keys, tuple) else {keys}
+        self._feeds_cache.drop_if(lambda key: isinstance(key, tuple) and bool(gone & set(key)))
+        if self.runner is not None:
+            self.runner.static_cache.drop_if(lambda key: isinstance(key, tuple) and isinstance(key[2], tuple)
+                                             and bool(gone & set(key[2])))
 
     def _purge_unloaded(self) -> None:
         with self._lock:
             names, self._forgotten = self._forgotten, set()
         if not names or self.runner is None:
             return
-        for key in [k for k in self._feeds_cache if names & set(k)]:
-            del self._feeds_cache[key]
+        self._feeds_cache.drop_if(lambda key: isinstance(key, tuple) and bool(names & set(key)))
         self.runner.forget(names)
 
     def _drop_cancelled(self) -> None:
@@ -763,6 +1201,8 @@ class Engine:
         row = self._rows[index]
         if reason is not None:
             row.gen._put(self._final(row, reason))
+            if reason != FINISH_CANCELLED:
+                self._remember(row)
         with self._lock:
             del self._rows[index]
             rows = self._rows
@@ -777,6 +1217,8 @@ class Engine:
             for position in range(max(index, decoding), len(rows)):
                 self.runner.cache.move_row(position + 1, position, rows[position].length)
         self._release(row.gen)
+        if not self._rows:  # the last row left (finished, cancelled or failed): the KV cache may shrink
+            self._release_memory()
 
     def _finish_unstarted(self, gen: Generation) -> None:
         now = time.perf_counter()
@@ -832,6 +1274,25 @@ class Engine:
             for entry, _ in entries:
                 self.metrics.adapter_info.labels(entry.name, entry.sha256).set(1)
             self.metrics.adapter_unloads_pending.set(len(self.registry.pending_unloads()))
+            self.metrics.adapter_memory.set(self.registry.held_bytes)
 
     def _adapter_unload_failed(self, name: str) -> None:
         self.metrics.adapter_unload_failures.labels(name).inc()
+
+    def _adapter_evicted(self, entry: LoadedAdapter) -> None:
+        self.metrics.adapter_evictions.inc()
+
+    def _adapter_lazy_loaded(self, entry: LoadedAdapter) -> None:
+        self.metrics.adapter_lazy_loads.inc()
+
+    def _load_pinned(self) -> None:
+        """Load every ``--pin`` adapter that the bundle did not bring, from the adapter dir."""
+        assert self.registry is not None
+        for name in self.config.pin:
+            if self.registry.get(name) is not None:
+                continue
+            path = self.config.adapter_path / f"{name}.onnx_adapter"
+            if not path.is_file():
+                raise BundleError(f"--pin {name}: no adapter '{name}' in the bundle or in {self.config.adapter_path} "
+                                  f"({path.name}); pin a bundle adapter or put the file there")
+            self.registry.load(name, path=str(path), source="pin")

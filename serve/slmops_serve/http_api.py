@@ -6,14 +6,21 @@ Routes (``model`` names the adapter, as in vLLM and LoRAX; the base model's name
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: ``stream: true`` answers server-sent
   events, one per text delta, ending in ``data: [DONE]``;
 - ``GET /health`` (= ``/readyz``): 200 while gRPC health says SERVING, else 503; ``GET /livez``: 200
-  while the process answers;
-- admin, with ``Authorization: Bearer <admin token>`` when the server has one (401 otherwise):
+  while the scheduler runs, 503 once it died (the process must be restarted);
+- admin, with ``Authorization: Bearer <admin token>`` when the server has one (401 otherwise), and
+  from loopback peers only when it has none (403 for any other peer):
   ``GET /v1/adapters``, ``POST /v1/adapters`` ``{name, path, sha256?}`` (a file in the adapter
   dir; replaces an existing name atomically), ``DELETE /v1/adapters/{name}`` (drains first).
 
+With ``--api-key`` the ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` routes need
+``Authorization: Bearer <key>`` (what the openai client sends as its ``api_key``; 401 otherwise);
+health stays open (:mod:`slmops_serve.auth`).
+
 Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}`` with the status
-of the engine's ServeError code (400 bad field, 404 unknown model, 429 queue full, 503 not ready or
-draining), 401 for admin routes without the token and 413 for a body over ``--http-max-body-bytes``.
+of the engine's ServeError code (400 bad field, 404 unknown model, 429 queue full, 503 not ready,
+draining or the scheduler died, 500 an internal error), 401 without the admin token or API key, 403
+for admin calls from another host without an admin token, and 413 for a body over
+``--http-max-body-bytes``.
 
 Stack: FastAPI on Starlette, served by uvicorn (h11) in a thread of the gRPC server's process. It is
 what vLLM's and SGLang's OpenAI servers run, so clients meet the same SSE framing; both are
@@ -26,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import json
 import logging
 import math
@@ -46,6 +52,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from slmops_serve import auth
 from slmops_serve.config import ServeConfig
 from slmops_serve.engine import (
     FINISH_CANCELLED,
@@ -58,11 +65,14 @@ from slmops_serve.engine import (
     GenerationRequest,
 )
 from slmops_serve.errors import (
+    CANCELLED,
     FAILED_PRECONDITION,
     INTERNAL,
     INVALID_ARGUMENT,
     NOT_FOUND,
+    PERMISSION_DENIED,
     RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
     UNAVAILABLE,
     ServeError,
 )
@@ -75,7 +85,6 @@ MAX_REQUEST_ID = 128
 REQUEST_ID_HEADER = "x-request-id"
 ADAPTER_SHA_HEADER = "x-slmops-adapter-sha256"
 OWNER = "slmops"
-UNAUTHENTICATED = "UNAUTHENTICATED"
 PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
 # engine finish reason -> OpenAI's (a stop string and end-of-sequence are both "stop" there)
 FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
@@ -84,12 +93,30 @@ STATUS = {
     INVALID_ARGUMENT: (400, "invalid_request_error"),
     FAILED_PRECONDITION: (400, "invalid_request_error"),
     UNAUTHENTICATED: (401, "authentication_error"),
+    PERMISSION_DENIED: (403, "permission_error"),
     NOT_FOUND: (404, "not_found_error"),
     PAYLOAD_TOO_LARGE: (413, "invalid_request_error"),
     RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     UNAVAILABLE: (503, "service_unavailable"),
     INTERNAL: (500, "server_error"),
+    CANCELLED: (499, "invalid_request_error"),  # the client left; nobody reads it (nginx's code)
 }
+# engine field name -> the OpenAI request field it comes from
+HTTP_FIELDS = {"min_new_tokens": "min_tokens"}
+
+
+def http_error(error: ServeError) -> ServeError:
+    """``error`` naming the field as the HTTP request spells it."""
+    field = HTTP_FIELDS.get(error.field)
+    return ServeError(error.code, field, error.message) if field else error
+
+
+def internal_error(exc: BaseException) -> ServeError:
+    """500 for an exception that is no ServeError: its type and first line (the traceback is logged)."""
+    log.error("unexpected error", exc_info=exc, extra={"fields": {"event": "http_error"}})
+    first = (str(exc).splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return ServeError(INTERNAL, "", f"internal error ({text[:200]}); the server logged the details")
 
 
 # ---- request bodies -----------------------------------------------------------------------------
@@ -357,7 +384,8 @@ class _Pump:
     def __init__(self, engine: Engine, request: GenerationRequest, executor: ThreadPoolExecutor) -> None:
         self.loop = asyncio.get_running_loop()
         self.gen: Generation | None = None
-        self._cancel_requested = False
+        # set by cancel(); the engine checks it during admission (tokenizing, grammar compilation)
+        self.cancelled = threading.Event()
         self._items: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
         self._wake_pending = False
@@ -377,11 +405,10 @@ class _Pump:
 
     def _run(self, engine: Engine, request: GenerationRequest) -> None:
         try:
-            gen = engine.submit(request)
+            gen = engine.submit(request, cancel=self.cancelled)
             with self._lock:
                 self.gen = gen
-                cancelled = self._cancel_requested
-            if cancelled:
+            if self.cancelled.is_set():
                 gen.cancel()
             self._put(gen)
             for chunk in gen:
@@ -391,8 +418,8 @@ class _Pump:
             self._put(exc)
 
     def cancel(self) -> None:
+        self.cancelled.set()
         with self._lock:
-            self._cancel_requested = True
             gen = self.gen
         if gen is not None:
             gen.cancel()
@@ -541,7 +568,7 @@ class HttpApi:
     def resolve_model(self, model: str) -> str:
         """The adapter a request's ``model`` selects ("" = the base); ServeError NOT_FOUND otherwise."""
         registry = self.engine.registry
-        if registry is not None and model and registry.get(model) is not None:
+        if registry is not None and model and registry.servable(model):
             return model
         if model in ("", self.base_name):
             return ""
@@ -555,14 +582,14 @@ class HttpApi:
         given = request.headers.get(REQUEST_ID_HEADER, "")
         return given if 0 < len(given) <= MAX_REQUEST_ID else uuid.uuid4().hex[:16]
 
+    def _check(self, request: Request, kind: str) -> None:
+        """ServeError 401/403 when ``request`` may not call a route of ``kind`` (auth.ADMIN, auth.INFERENCE)."""
+        peer = request.client.host if request.client is not None else ""
+        auth.check(kind, request.headers.get("authorization"), auth.is_loopback_host(peer), self.config.admin_token,
+                   self.config.api_key, peer)
+
     def _check_admin(self, request: Request) -> None:
-        token = self.config.admin_token
-        if not token:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-            raise ServeError(UNAUTHENTICATED, "authorization", "admin routes need the header "
-                             "'Authorization: Bearer <admin token>' (the server's --admin-token / $SLMOPS_ADMIN_TOKEN)")
+        self._check(request, auth.ADMIN)
 
     def _model_card(self, name: str, parent: str | None, sha256: str, created: float) -> dict[str, Any]:
         card: dict[str, Any] = {"id": name, "object": "model", "created": int(created), "owned_by": OWNER,
@@ -597,6 +624,7 @@ class HttpApi:
         watcher: asyncio.Task[None] | None = None
         try:
             try:
+                self._check(request, auth.INFERENCE)
                 adapter = self.resolve_model(body.model)
                 if isinstance(body, ChatCompletionRequest):
                     engine_request = chat_request(body, self.config, adapter, call.request_id)
@@ -613,7 +641,9 @@ class HttpApi:
             except ServeError as error:
                 if error.code == NOT_FOUND and error.field == "adapter":  # unloaded between the check and submit
                     error = ServeError(NOT_FOUND, "model", error.message)
-                return call.fail(error)
+                return call.fail(http_error(error))
+            except Exception as exc:  # noqa: BLE001 - a 500 in OpenAI's shape, counted as INTERNAL
+                return call.fail(internal_error(exc))
             finally:
                 if watcher is not None:
                     watcher.cancel()
@@ -652,7 +682,9 @@ class HttpApi:
                 last: Chunk = item
                 item = await pump.next()
         except ServeError as error:
-            return call.fail(error)
+            return call.fail(http_error(error))
+        except Exception as exc:  # noqa: BLE001 - a 500 in OpenAI's shape, counted as INTERNAL
+            return call.fail(internal_error(exc))
         finally:
             watcher.cancel()
         call.finish(last)
@@ -719,7 +751,8 @@ class HttpApi:
                         yield _sse({"id": rid, "object": obj, "created": created, "model": model,
                                     "system_fingerprint": None, "choices": [], "usage": _usage(chunk)})
                 item = await pump.next()
-        except ServeError as error:
+        except Exception as exc:  # noqa: BLE001 - a ServeError, or a bug reported as an internal error
+            error = http_error(exc) if isinstance(exc, ServeError) else internal_error(exc)
             call.ended = True
             call.code = error.code
             call.fields["error"] = str(error)
@@ -743,9 +776,13 @@ class HttpApi:
                 message = "is required"
             error = ServeError(INVALID_ARGUMENT, field or "body", message)
             route = request.url.path
-            api.metrics.requests.labels(f"http {route}", INVALID_ARGUMENT).inc()
+            try:  # a caller without the API key learns nothing about the body it sent
+                api._check(request, auth.ADMIN if route.startswith("/v1/adapters") else auth.INFERENCE)
+            except ServeError as denied:
+                error = denied
+            api.metrics.requests.labels(f"http {route}", error.code).inc()
             log.warning(f"http {route}", extra={"fields": {"event": "http", "method": f"http {route}",
-                                                           "code": INVALID_ARGUMENT, "error": str(error)}})
+                                                           "code": error.code, "error": str(error)}})
             return error_response(error)
 
         @app.exception_handler(404)
@@ -766,12 +803,21 @@ class HttpApi:
 
         @app.get("/livez")
         async def live() -> JSONResponse:
+            failure = api.engine.failure
+            if failure is not None:  # the scheduler died: this process must be restarted
+                return JSONResponse({"status": "DEAD", "error": f"the scheduler died ({type(failure).__name__}: "
+                                     f"{str(failure)[:200]})"}, status_code=503)
             return JSONResponse({"status": "ALIVE"})
 
+        @app.exception_handler(Exception)
+        async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+            return error_response(internal_error(exc))
+
         @app.get("/v1/models")
-        async def list_models() -> JSONResponse:
+        async def list_models(request: Request) -> JSONResponse:
             call = _Call("/v1/models", api)
             try:
+                api._check(request, auth.INFERENCE)
                 return JSONResponse({"object": "list", "data": api.models()})
             except ServeError as error:
                 return call.fail(error)
@@ -779,9 +825,10 @@ class HttpApi:
                 call.done()
 
         @app.get("/v1/models/{model:path}")
-        async def get_model(model: str) -> JSONResponse:
+        async def get_model(model: str, request: Request) -> JSONResponse:
             call = _Call("/v1/models/{model}", api)
             try:
+                api._check(request, auth.INFERENCE)
                 for card in api.models():
                     if card["id"] == model:
                         return JSONResponse(card)
@@ -811,6 +858,8 @@ class HttpApi:
                 return JSONResponse(await body(call))
             except ServeError as error:
                 return call.fail(error)
+            except Exception as exc:  # noqa: BLE001 - a 500 in OpenAI's shape, counted as INTERNAL
+                return call.fail(internal_error(exc))
             finally:
                 call.done()
 

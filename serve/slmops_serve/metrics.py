@@ -47,3 +47,29 @@ class ServeMetrics:
                                              registry=r)
         self.ready = Gauge("slmops_model_ready", "1 once the model is loaded and warm, 0 while loading or draining",
                            registry=r)
+        self.adapter_memory = Gauge("slmops_adapter_memory_bytes", "Bytes of adapter tensors held (loaded versions, "
+                                    "and replaced ones still in use)", registry=r)
+        self.adapter_memory_budget = Gauge("slmops_adapter_memory_budget_bytes", "--adapter-memory in bytes "
+                                           "(0 = unbounded)", registry=r)
+        self.adapter_evictions = Counter("slmops_adapter_evictions", "Idle adapters evicted to stay within "
+                                         "--adapter-memory (loaded again on their next request)", registry=r)
+        self.adapter_lazy_loads = Counter("slmops_adapter_lazy_loads", "Adapters loaded by the first request that "
+                                          "named them (not loaded, or evicted)", registry=r)
+        self.lora_feeds_bytes = Gauge("slmops_lora_feeds_cache_bytes", "Bytes of LoRA feed arrays a cache holds "
+                                      "(bank: concatenated mixes; runner: bound OrtValues; engine: per-batch feeds)",
+                                      ["cache"], registry=r)
+        self.spec_drafted_tokens = Counter("slmops_spec_drafted_tokens", "Draft tokens verified by speculative "
+                                           "decoding, by source (ngram: prompt lookup; grammar: forced by the "
+                                           "structured-output grammar, jump-forward)", ["source"], registry=r)
+        self.spec_accepted_tokens = Counter("slmops_spec_accepted_tokens", "Draft tokens accepted (equal to the "
+                                            "token the row selected)", ["source"], registry=r)
+        self.spec_steps = Counter("slmops_spec_steps", "Decode steps that verified draft tokens (one graph call "
+                                  "for all rows)", registry=r)
+        self.spec_row_steps = Counter("slmops_spec_row_steps", "Rows stepped in speculative steps", registry=r)
+        self.spec_emitted_tokens = Counter("slmops_spec_emitted_tokens", "Tokens emitted by rows in speculative "
+                                           "steps (tokens per row-step = this / slmops_spec_row_steps_total)",
+                                           registry=r)
+        self.spec_max_draft = Gauge("slmops_spec_max_draft", "--max-draft: draft tokens per row and step "
+                                    "(0 = --speculation off)", registry=r)
+        self.kv_cache_bytes = Gauge("slmops_kv_cache_bytes", "Bytes of the KV cache buffers as allocated "
+                                    "(grows with the longest row, shrinks after a burst)", registry=r)

@@ -3,7 +3,15 @@ and with ``http_port`` the OpenAI-compatible HTTP API (:mod:`slmops_serve.http_a
 
 Start-up order: bind the ports with health NOT_SERVING, load + warm the model, then SERVING.
 On SIGTERM/SIGINT: health NOT_SERVING, new generations UNAVAILABLE, in-flight ones get up to
-``grace_period_s`` to finish (then they are cancelled), the process exits 0.
+``grace_period_s`` to finish (then they are cancelled and end UNAVAILABLE), the process exits 0.
+
+If the scheduler thread dies (a fault in a step's own error handling, or every step failing), the
+server fails loudly: health NOT_SERVING for every service at once, ``/livez`` and ``/readyz`` 503,
+every waiting and running request ends UNAVAILABLE (HTTP 503), new ones are refused the same way,
+and ``serve()`` exits 1 so a restart policy (Docker ``--restart``, Swarm, Kubernetes) starts a fresh
+process; the image's HEALTHCHECK fails meanwhile.
+
+Who may call what (admin token, loopback-only admin without one, ``--api-key``): :mod:`slmops_serve.auth`.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from slmops_serve.servicer import (
     ADAPTERS_SERVICE,
     GENERATION_SERVICE,
     AdaptersServicer,
-    AdminAuthInterceptor,
+    AuthInterceptor,
     GenerationServicer,
 )
 from slmops_serve.watch import AdapterWatcher
@@ -61,6 +69,8 @@ class SlmopsServer:
         self._metrics_http: Any = None
         self._watcher: AdapterWatcher | None = None
         self._stopped = threading.Event()
+        self.failed = threading.Event()  # the scheduler died: serve() exits 1
+        self.engine.on_fatal = self._scheduler_died
 
     @property
     def address(self) -> str:
@@ -73,9 +83,9 @@ class SlmopsServer:
         read_manifest(config.bundle_path)  # fail fast on a folder that is no bundle
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        interceptors = [AdminAuthInterceptor(config.admin_token, self.metrics)] if config.admin_token else []
+        interceptors = [AuthInterceptor(config.admin_token, config.api_key, self.metrics)]
         options = [
-            ("grpc.max_receive_message_length", config.max_upload_bytes + MESSAGE_OVERHEAD),
+            ("grpc.max_receive_message_length", config.upload_limit() + MESSAGE_OVERHEAD),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ]
         server = grpc.server(ThreadPoolExecutor(max_workers=config.capacity + SPARE_RPC_THREADS,
@@ -102,7 +112,7 @@ class SlmopsServer:
         if config.http_port is not None:
             from slmops_serve.http_api import HttpServer
 
-            self._http = HttpServer(self.engine, ready=lambda: self.serving)
+            self._http = HttpServer(self.engine, ready=lambda: self.serving and self.engine.failure is None)
             try:
                 self.http_port = self._http.start()
             except BaseException:
@@ -116,10 +126,23 @@ class SlmopsServer:
             self.metrics_port = int(httpd.server_port)
         log.info("listening", extra={"fields": {
             "event": "listening", "grpc": bind.rsplit(":", 1)[0] + f":{self.port}", "tls": bool(config.tls_cert),
-            "metrics_port": self.metrics_port, "http_port": self.http_port, "admin_token": bool(config.admin_token)}})
+            "metrics_port": self.metrics_port, "http_port": self.http_port, "admin_token": bool(config.admin_token),
+            "api_key": bool(config.api_key), "max_upload_bytes": config.upload_limit()}})
         if not config.admin_token:
-            log.warning("no --admin-token: anyone who reaches the port can load and unload adapters",
+            log.warning("no --admin-token: adapter admin calls are answered for loopback peers only (PERMISSION_DENIED "
+                        "for others); set --admin-token or $SLMOPS_ADMIN_TOKEN to manage adapters over the network",
                         extra={"fields": {"event": "no_admin_token"}})
+
+    def _scheduler_died(self, exc: BaseException) -> None:
+        """The engine's scheduler thread is gone (it has already failed every request): health
+        NOT_SERVING for every service, /readyz and /livez 503, and ``serve()`` exits 1."""
+        self.serving = False
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.ready.set(0)
+        log.critical("the scheduler died; health NOT_SERVING, every request failed", extra={"fields": {
+            "event": "scheduler_died", "error": f"{type(exc).__name__}: {exc}"}})
+        self.failed.set()
 
     def load(self) -> None:
         """Load + warm the model and the bundle's adapters, then turn health SERVING."""
@@ -130,9 +153,13 @@ class SlmopsServer:
             assert self.engine.registry is not None
             self._watcher = AdapterWatcher(self.engine.registry, self.config.adapter_path, self.config.watch_interval_s)
             self._watcher.start()
+        if self.engine.failure is not None:
+            return  # the scheduler died during warm-up: stay NOT_SERVING
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.serving = not self._stopped.is_set()
+        if self.engine.failure is not None:  # died between the check and the set
+            self._scheduler_died(self.engine.failure)
 
     def stop(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING, drain in-flight generations (up to ``grace`` s), stop. True if all finished."""
@@ -163,7 +190,8 @@ class SlmopsServer:
 
 
 def serve(config: ServeConfig) -> int:
-    """Run a server until SIGTERM/SIGINT; the exit code (0 after a drain, 1 when the model fails to load)."""
+    """Run a server until SIGTERM/SIGINT; the exit code (0 after a drain, 1 when the model fails to load
+    or the scheduler dies)."""
     setup_logging(config.log_level)
     server = SlmopsServer(config)
     stop = threading.Event()
@@ -188,7 +216,12 @@ def serve(config: ServeConfig) -> int:
     loader = threading.Thread(target=load, name="slmops-load", daemon=True)
     loader.start()
     while not stop.wait(0.5):
-        pass
+        if server.failed.is_set():
+            break
+    if server.failed.is_set():
+        log.error("exiting after the scheduler died", extra={"fields": {"event": "exit", "code": 1}})
+        server.stop(grace=0)
+        return 1
     if failure:
         exc = failure[0]
         message = str(exc) if isinstance(exc, BundleError) else f"{type(exc).__name__}: {exc}"

@@ -7,10 +7,10 @@ affects the server: it is answered and forgotten.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from slmops.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from slmops_serve import auth
 from slmops_serve.config import ServeConfig
 from slmops_serve.engine import (
     FINISH_CANCELLED,
@@ -141,6 +142,33 @@ def unexpected_error(exc: BaseException) -> ServeError:
     return ServeError(INTERNAL, "", f"{type(exc).__name__}: {exc}")
 
 
+def internal_error(exc: BaseException) -> ServeError:
+    """INTERNAL for an exception that is no ServeError: its type and first line, at most 200 characters."""
+    first = (str(exc).splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return ServeError(INTERNAL, "", f"internal error ({text[:200]}); the server logged the details")
+
+
+class _Departure:
+    """The cancel callback of one RPC, registered before any admission work (tokenizing, grammar
+    compilation): a client that leaves meanwhile sets ``event``, which the engine checks before that
+    work and uses as the generation's own cancel flag afterwards."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.gen: Any = None
+
+    def cancel(self) -> None:
+        self.event.set()
+        if self.gen is not None:
+            self.gen.cancel()
+
+    def attach(self, gen: Any) -> None:
+        self.gen = gen
+        if self.event.is_set():
+            gen.cancel()
+
+
 class _Call:
     """Bookkeeping of one RPC: status code for metrics, one JSON log line at the end."""
 
@@ -159,6 +187,14 @@ class _Call:
             raise exc  # grpc's own abort exception, raised by fail()
         log.error("unexpected error", exc_info=exc, extra={"fields": {"event": "rpc_error", "method": self.method}})
         self.fail(unexpected_error(exc))
+
+    def fail_internal(self, exc: BaseException) -> None:
+        """A generation that raised something other than a ServeError: INTERNAL with a short message
+        (the traceback goes to the log), counted as INTERNAL, never UNKNOWN or OK."""
+        if self.code != "OK":
+            raise exc  # grpc's own abort exception, raised by fail()
+        log.error("unexpected error", exc_info=exc, extra={"fields": {"event": "rpc_error", "method": self.method}})
+        self.fail(internal_error(exc))
 
     def fail(self, error: ServeError) -> None:
         self.code = error.code
@@ -187,16 +223,27 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def _start(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext, call: _Call) -> Any:
         call.request_id = request.request_id or _metadata(context).get(REQUEST_ID_HEADER, "")
+        # Fires on client cancel and on an expired deadline, also while the request is being admitted
+        # (tokenized, its grammar compiled): the engine then skips that work or stops before the next token.
+        departure = _Departure()
+        if not context.add_callback(departure.cancel):
+            departure.cancel()  # the RPC has already ended
         try:
             engine_request = to_engine_request(request, self.config, call.request_id)
-            gen = self.engine.submit(engine_request)
+            gen = self.engine.submit(engine_request, cancel=departure.event)
         except ServeError as error:
             call.fail(error)  # raises
+        departure.attach(gen)
         call.request_id = gen.request_id
         call.fields.update(adapter=gen.adapter_name, adapter_sha256=gen.adapter_sha256[:12])
-        # Fires on client cancel and on an expired deadline: the worker stops before its next token.
-        context.add_callback(gen.cancel)
         return gen
+
+    def _cancelled(self, call: _Call, context: grpc.ServicerContext) -> None:
+        """A generation ended cancelled: a client that is still there was cancelled by the server (a
+        drain that ran out of time, a shutdown), which it must see as UNAVAILABLE, not as an OK."""
+        if context.is_active():
+            call.fail(ServeError(UNAVAILABLE, "", "the request was cancelled: the server is shutting down (its drain "
+                                 "grace period ran out); retry on another server or later"))
 
     def _finish_fields(self, call: _Call, last: Chunk) -> None:
         call.fields.update(finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
@@ -208,30 +255,40 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext) -> generation_pb2.GenerateResponse:
         call = _Call("Generate", self.metrics, context)
         try:
-            gen = self._start(request, context, call)
-            try:
-                result = gen.result()
-            except ServeError as error:
-                call.fail(error)
-            except Exception as exc:  # noqa: BLE001
-                call.fail_unexpected(exc)
-            last = Chunk(text="", adapter=result.adapter, adapter_sha256=result.adapter_sha256,
-                         finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-                         completion_tokens=result.completion_tokens, queue_ms=result.queue_ms, ttft_ms=result.ttft_ms,
-                         total_ms=result.total_ms, decode_tps=result.decode_tps)
-            self._finish_fields(call, last)
-            return generation_pb2.GenerateResponse(
-                text=result.text, finish_reason=FINISH_REASONS.get(result.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED), usage=_usage(last),
-                adapter=result.adapter, adapter_sha256=result.adapter_sha256, timings=_timings(last),
-                request_id=result.request_id)
+            return self._generate(request, context, call)
+        except Exception as exc:  # noqa: BLE001 - INTERNAL, counted; grpc's own abort is re-raised
+            call.fail_internal(exc)
+            raise  # unreachable: fail_internal raises
         finally:
             call.done()
+
+    def _generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext,
+                  call: _Call) -> generation_pb2.GenerateResponse:
+        gen = self._start(request, context, call)
+        try:
+            result = gen.result()
+        except ServeError as error:
+            call.fail(error)
+        last = Chunk(text="", adapter=result.adapter, adapter_sha256=result.adapter_sha256,
+                     finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+                     completion_tokens=result.completion_tokens, queue_ms=result.queue_ms, ttft_ms=result.ttft_ms,
+                     total_ms=result.total_ms, decode_tps=result.decode_tps)
+        self._finish_fields(call, last)
+        if result.finish_reason == FINISH_CANCELLED:
+            self._cancelled(call, context)
+        return generation_pb2.GenerateResponse(
+            text=result.text, finish_reason=FINISH_REASONS.get(result.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED), usage=_usage(last),
+            adapter=result.adapter, adapter_sha256=result.adapter_sha256, timings=_timings(last),
+            request_id=result.request_id)
 
     def GenerateStream(self, request: generation_pb2.GenerateRequest,
                        context: grpc.ServicerContext) -> Iterator[generation_pb2.GenerateStreamResponse]:
         call = _Call("GenerateStream", self.metrics, context)
         try:
-            gen = self._start(request, context, call)
+            try:
+                gen = self._start(request, context, call)
+            except Exception as exc:  # noqa: BLE001 - INTERNAL, counted; grpc's own abort is re-raised
+                call.fail_internal(exc)
             try:
                 for chunk in gen:
                     message = generation_pb2.GenerateStreamResponse(
@@ -240,6 +297,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     if chunk.finish_reason is not None:
                         self._finish_fields(call, chunk)
                         if chunk.finish_reason == FINISH_CANCELLED:
+                            self._cancelled(call, context)
                             return
                         message.finish_reason = FINISH_REASONS.get(chunk.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED)
                         message.usage.CopyFrom(_usage(chunk))
@@ -251,7 +309,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 call.cancelled()  # grpc closed the stream (client gone)
                 raise
             except Exception as exc:  # noqa: BLE001
-                call.fail_unexpected(exc)
+                call.fail_internal(exc)
             finally:
                 gen.cancel()  # no-op when finished; stops the worker when the stream ended early
         finally:
@@ -350,7 +408,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                       context: grpc.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
         def body(call: _Call) -> adapters_pb2.LoadAdapterResponse:
             registry = self._registry()
-            name, sha256, data = receive_upload(request_iterator, self.config.max_upload_bytes, call)
+            name, sha256, data = receive_upload(request_iterator, self.config.upload_limit(), call)
             result = registry.load(name, data=data, sha256=sha256, source="upload")
             return self._loaded(call, registry, result)
 
@@ -384,36 +442,56 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return self._run("UnloadAdapter", context, body)
 
 
-class AdminAuthInterceptor(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every ``slmops.v1.Adapters`` call (UNAUTHENTICATED otherwise)."""
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Who may call what (:mod:`slmops_serve.auth`): every ``slmops.v1.Adapters`` call needs the admin
+    token (UNAUTHENTICATED), or without one comes from a loopback peer (PERMISSION_DENIED otherwise);
+    with an API key every ``slmops.v1.Generation`` call needs it. Health and reflection pass untouched.
+    The peer is known only inside the call, so the check runs first thing in the wrapped handler."""
 
-    def __init__(self, token: str, metrics: ServeMetrics) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, admin_token: str | None, api_key: str | None, metrics: ServeMetrics) -> None:
+        self._admin_token = admin_token
+        self._api_key = api_key
         self._metrics = metrics
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         method: str = handler_call_details.method or ""
-        if not method.startswith(f"/{ADAPTERS_SERVICE}/"):
+        if method.startswith(f"/{ADAPTERS_SERVICE}/"):
+            kind = auth.ADMIN
+        elif method.startswith(f"/{GENERATION_SERVICE}/") and self._api_key:
+            kind = auth.INFERENCE
+        else:
             return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
-        if hmac.compare_digest(given_bytes, self._expected):
-            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        authorization = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         short = method.rsplit("/", 1)[-1]
-        metrics = self._metrics
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            metrics.requests.labels(short, "UNAUTHENTICATED").inc()
-            log.warning(short, extra={"fields": {"event": "rpc", "method": short, "code": "UNAUTHENTICATED",
-                                                 "error": "missing or wrong admin token"}})
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "authorization: the Adapters service needs metadata 'authorization: Bearer <admin token>' "
-                          "(slmops adapters --token or $SLMOPS_ADMIN_TOKEN)")
+        def guard(context: grpc.ServicerContext) -> None:
+            peer = context.peer() or ""
+            try:
+                auth.check(kind, authorization, auth.is_loopback_peer(peer), self._admin_token, self._api_key, peer)
+            except ServeError as error:
+                self._metrics.requests.labels(short, error.code).inc()
+                log.warning(short, extra={"fields": {"event": "rpc", "method": short, "code": error.code, "peer": peer,
+                                                     "error": str(error)}})
+                context.abort(getattr(grpc.StatusCode, error.code), str(error))
 
-        def deny_stream(requests: Any, context: grpc.ServicerContext) -> Any:
-            return deny(None, context)
+        return _guarded(handler, guard)
 
-        if short == "UploadAdapter":
-            return grpc.stream_unary_rpc_method_handler(deny_stream)
-        return grpc.unary_unary_rpc_method_handler(deny)
+
+def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], None]) -> Any:
+    """``handler`` (any of the four RPC shapes) with ``guard(context)`` run before its behaviour."""
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    for attribute, factory in (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                               ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                               ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                               ("stream_stream", grpc.stream_stream_rpc_method_handler)):
+        behaviour = getattr(handler, attribute)
+        if behaviour is not None:
+            def guarded(request: Any, context: grpc.ServicerContext, behaviour: Any = behaviour) -> Any:
+                guard(context)
+                return behaviour(request, context)
+
+            return factory(guarded, **kwargs)
+    return handler

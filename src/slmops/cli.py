@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -21,7 +22,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "auto-opt": ("slmops_build.olive:auto_opt_command", "olive auto-opt: `slmops build` from --model_name_or_path and --adapter_path."),
     "generate-adapter": ("slmops_build.olive:generate_adapter_command",
                          "olive generate-adapter: one multi-adapter ONNX bundle from --adapter_paths a,b."),
-    "run": ("slmops.olive_run:run_command", "olive run --config: train and build stages from an olive workflow config."),
+    "run": ("slmops_ops.olive_run:run_command", "olive run --config: train and build stages from an olive workflow config."),
     "targets": ("slmops.targets_cli:targets_command", "List the build targets and their settings."),
     "model": ("slmops.model_cli:model_group", "Prepare and inspect base models."),
     "build": ("slmops_build.cli:build_command", "Build a multi-adapter ONNX bundle for a hardware target."),
@@ -29,8 +30,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("slmops_serve.cli:serve_command", "Serve a bundle over gRPC with hot-swappable adapters."),
     "generate": ("slmops_serve.cli:generate_command", "Generate text from a running server (client)."),
     "adapters": ("slmops_serve.cli:adapters_group", "List, load and unload adapters on a running server (client)."),
-    "deploy": ("slmops.deploy.cli:deploy_group",
+    "deploy": ("slmops_ops.deploy.cli:deploy_group",
                "Ship the serve image and a bundle to a Docker host, health-checked, with rollback."),
+    "fleet": ("slmops_ops.fleet.cli:fleet_group",
+              "Roll bundles out to devices on Docker Swarm (health-gated, staged, auto-rollback); k8s manifests."),
 }
 
 
@@ -57,7 +60,7 @@ class LazyGroup(OptionStyle, click.Group):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             extra = {"train": "train", "finetune": "train", "build": "build", "auto-opt": "build", "generate-adapter": "build",
-                 "run": "build", "serve": "serve", "deploy": "deploy"}.get(cmd_name, "all")
+                 "run": "build", "serve": "serve", "deploy": "deploy", "fleet": "deploy"}.get(cmd_name, "all")
             raise click.ClickException(
                 f"`slmops {cmd_name}` needs the '{extra}' extra ({exc.name} is missing): "
                 f"pip install 'slmops[{extra}]' or run `make install`"
@@ -105,6 +108,13 @@ def main(argv: list[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, not a traceback
         if os.environ.get("SLMOPS_DEBUG", "") not in ("", "0"):
             raise
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # a full disk is the environment, not a bug: outputs are written to temp + rename, so
+            # nothing partial was left; say where and what to do
+            what = f" writing '{exc.filename}'" if exc.filename else ""
+            click.echo(f"Error: no space left on the device{what} ({exc.strerror}); free space there or write "
+                       "elsewhere (-o/--output_path, TMPDIR); nothing partial was kept", err=True)
+            sys.exit(1)
         where = _where(exc)
         click.echo(f"Error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
                    f"{where} (an slmops bug or an environment problem; SLMOPS_DEBUG=1 shows the traceback)", err=True)

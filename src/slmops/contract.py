@@ -136,6 +136,9 @@ class GenaiConfig:
     present_key: str
     present_value: str
     session_options: dict[str, Any] = field(default_factory=dict)
+    # layers whose KV cache onnxruntime-genai keeps window-sized (decoder.sliding_window.layers); slmops
+    # exports sliding windows over a full-length cache, so its own bundles list none
+    windowed_layers: tuple[int, ...] = ()
 
     @classmethod
     def read(cls, model_dir: str | Path) -> GenaiConfig:
@@ -161,6 +164,7 @@ class GenaiConfig:
                 present_key=outputs.get("present_key_names", "present.%d.key"),
                 present_value=outputs.get("present_value_names", "present.%d.value"),
                 session_options=dict(decoder.get("session_options", {})),
+                windowed_layers=tuple(int(i) for i in (decoder.get("sliding_window") or {}).get("layers", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{Path(model_dir) / GENAI_CONFIG}: model.decoder lacks or mistypes {exc}; "

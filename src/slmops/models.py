@@ -64,20 +64,28 @@ def prepare_default_model(output_dir: Path | None = None, force: bool = False) -
         print(f"slmops: the prepared default model in {out} is not what was converted ({problem}); converting it again",
               file=sys.stderr)
 
+    return convert_gguf(default_gguf_path(), out, DEFAULT_MODEL_NAME, f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}")
+
+
+def convert_gguf(gguf: Path, out: Path, name: str, source: str) -> Path:
+    """Convert a GGUF file transformers can read (its weights dequantized to fp32) into an HF folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path()
-    src_dir, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    src_dir, file_name = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=file_name)
+        loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=file_name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=file_name)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise SlmopsUsageError("--model_name_or_path", f"{gguf} cannot be read by transformers' GGUF loader "
+                               f"({type(exc).__name__}: {str(exc)[:160]}); pass an HF model folder instead") from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = ["LlamaForCausalLM"]
-    config.name_or_path = DEFAULT_MODEL_NAME
+    config.architectures = [type(loaded).__name__]
+    config.name_or_path = name
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    copy_weights(model, loaded.state_dict(), f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}")
+    copy_weights(model, loaded.state_dict(), source)
     model.tie_weights()
     model.generation_config = loaded.generation_config
 
@@ -85,13 +93,24 @@ def prepare_default_model(output_dir: Path | None = None, force: bool = False) -
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         weights = sorted(tmp.glob("*.safetensors"))
-        marker = {
-            "name": DEFAULT_MODEL_NAME,
-            "source": f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}",
-            "weights_sha256": sha256_files(weights),
-        }
+        marker = {"name": name, "source": source, "weights_sha256": sha256_files(weights)}
         (tmp / PREPARED_MARKER).write_text(json.dumps(marker, indent=2))
     return out
+
+
+def prepare_gguf_model(gguf: Path, force: bool = False) -> Path:
+    """A local GGUF file as a cached fp32 HF folder (converted once; keyed by the file's path, size and
+    modification time, so a changed file is converted again)."""
+    import hashlib
+
+    gguf = gguf.expanduser().resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = default_model_dir().parent / f"{gguf.stem}-{key}"
+    if (out / PREPARED_MARKER).is_file() and not force and check_prepared_model(out)[1] is None:
+        return out
+    print(f"slmops: converting {gguf.name} once into {out}", file=sys.stderr)
+    return convert_gguf(gguf, out, gguf.stem, gguf.name)
 
 
 def copy_weights(model: Any, state_dict: dict[str, Any], source: str) -> None:
@@ -143,13 +162,16 @@ def is_default_model(name_or_path: str | None) -> bool:
 def resolve_model_path(name_or_path: str | None, option: str = "--model_name_or_path") -> str:
     """Return a local HF folder (or a hub id the hub can serve) for ``name_or_path``.
 
-    ``None``/``default`` mean the default model, prepared on first use. A path that is not a
+    ``None``/``default`` mean the default model, prepared on first use; a ``.gguf`` file is converted
+    once into a cached HF folder (as the default model is). A path that is not a
     local folder is treated as a hub id; offline that fails with a message that says what to do.
     """
     if is_default_model(name_or_path):
         return str(prepare_default_model())
     assert name_or_path is not None
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(prepare_gguf_model(path))
     if path.is_dir() and (path / MODEL_REF).is_file() and not (path / "config.json").is_file():
         path = Path(json.loads((path / MODEL_REF).read_text())["base_model"])
     if path.is_dir():

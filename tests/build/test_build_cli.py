@@ -22,7 +22,10 @@ def cli_bundle(tiny_model_dir: Path, tiny_runs: dict[str, Path], tmp_path_factor
     one as a bare run folder."""
     out = tmp_path_factory.mktemp("bundles") / "cpu"
     args = ["build", "-m", str(tiny_model_dir), "--adapter", f"tone={tiny_runs['tone']}", "--adapter",
-            str(tiny_runs["extract"]), "-o", str(out), "--validate_rows", "8"]
+            str(tiny_runs["extract"]), "-o", str(out), "--validate_rows", "8",
+            # a random tiny model's int4 greedy answers flip on near-ties (3 of 8 rows): the agreement
+            # gate is tested in test_validate_gate.py / test_search.py; here the bundle's contents are
+            "--min_agreement", "0"]
     proc = run_cli(args)
     return {"proc": proc, "out": out, "args": args}
 

@@ -12,34 +12,6 @@ from typing import Any
 import pytest
 
 from slmops.bundle import read_manifest
-from tests.conftest import write_jsonl
-
-TEMPLATE = "Tone of: {phrase}\n{tone}"
-
-
-@pytest.fixture(scope="module")
-def joy_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny adapter that has learned one thing for sure: every answer is "joy".
-
-    The random tiny model cannot learn the real five labels in a test's budget; a constant answer it
-    learns fully, so the PyTorch side scores 10/10 and a broken conversion has something to lose.
-    """
-    from slmops_train.config import build_config
-    from slmops_train.recipe import train
-
-    root = tmp_path_factory.mktemp("joy")
-    rows = [json.loads(line) for line in (Path(__file__).parents[2] / "examples/tone/train.jsonl").read_text().splitlines()]
-    train_file = write_jsonl(root / "train.jsonl", [{"phrase": r["phrase"], "tone": "joy"} for r in rows[:40]])
-    eval_file = write_jsonl(root / "eval.jsonl", [{"phrase": r["phrase"], "tone": "joy"} for r in rows[40:50]])
-    result = train(build_config({
-        "model_name_or_path": str(tiny_model_dir), "data_files": [f"train={train_file}", f"eval={eval_file}"],
-        "eval_split": "eval", "text_template": TEMPLATE, "task_type": "classification", "max_steps": 30,
-        "per_device_train_batch_size": 8, "learning_rate": 2e-2, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.0,
-        "target_modules": ["all-linear"], "eval_generate_limit": 10, "eval_max_new_tokens": 4,
-        "progress": False, "report_to": [], "output_path": str(root / "run"),
-    }))
-    assert result.metrics["eval_accuracy"] == 1.0, result.metrics  # the premise of the tests below
-    return result.run_dir
 
 
 def _build(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

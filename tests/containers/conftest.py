@@ -144,7 +144,7 @@ def readable_copy(bundle: Path, dest: Path) -> Path:
 
 # The root CLI with `deploy` registered (setdefault: the real registration in slmops.cli wins).
 CLI = ("import sys; from slmops.cli import LAZY_COMMANDS, main; "
-       "LAZY_COMMANDS.setdefault('deploy', ('slmops.deploy.cli:deploy_group', 'Deploy the serve image.')); "
+       "LAZY_COMMANDS.setdefault('deploy', ('slmops_ops.deploy.cli:deploy_group', 'Deploy the serve image.')); "
        "sys.argv[0] = 'slmops'; sys.exit(main())")
 
 

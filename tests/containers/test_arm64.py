@@ -308,7 +308,7 @@ def arm64_host(docker_client: Any) -> Iterator[str]:
 def test_deploy_refuses_amd64_image_and_bundle_on_an_arm64_host(docker_client: Any, images: dict[str, Any],
                                                                 arm64_host: str, serve_bundle: Path,
                                                                 arm64_bundle: Path, tmp_path: Path) -> None:
-    from slmops.deploy import LABEL_DEPLOY, LABEL_NAME
+    from slmops_ops.deploy import LABEL_DEPLOY, LABEL_NAME
 
     name = f"slmops-armtest-{uuid.uuid4().hex[:8]}"
     env = {"SLMOPS_DEPLOY_STATE": str(tmp_path / "deployments.json")}
@@ -356,8 +356,8 @@ def test_deploy_refuses_amd64_image_and_bundle_on_an_arm64_host(docker_client: A
 
 def test_deploy_picks_the_image_of_the_host_arch(docker_client: Any, images: dict[str, Any], arm64_image: Any) -> None:
     """With both builds in the local engine, `--image slmops-serve:VERSION` means the host's arch's one."""
-    from slmops.deploy.deployer import pick_image
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy.deployer import pick_image
+    from slmops_ops.deploy.hosts import parse_host
 
     said: list[str] = []
     host = parse_host("local")
@@ -373,7 +373,7 @@ def test_deploy_cpu_arm64_bundle_to_an_arm64_host(docker_client: Any, images: di
     """The whole flow to an arm64 host: the engine says aarch64, so `--image slmops-serve:VERSION`
     ships its -arm64 build; the bundle is copied, the server starts (emulated here, hence the ARM
     cpuinfo mount, which a real board does not need), becomes SERVING and answers; status says arm64."""
-    from slmops.deploy.deployer import prune_bundle_volumes
+    from slmops_ops.deploy.deployer import prune_bundle_volumes
 
     name = f"slmops-armtest-{uuid.uuid4().hex[:8]}"
     port = free_port()

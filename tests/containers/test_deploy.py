@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.containers.conftest import IMAGES, PROMPT, free_port, http_get, run_slmops, wait_serving
@@ -29,7 +30,7 @@ def deployment(docker_client: Any, images: dict[str, Any], tmp_path: Path) -> It
     for suffix in ("", "-previous", "-rollback"):
         with contextlib.suppress(Exception):
             docker_client.containers.get(name + suffix).remove(force=True)
-    from slmops.deploy.deployer import prune_bundle_volumes
+    from slmops_ops.deploy.deployer import prune_bundle_volumes
 
     prune_bundle_volumes(docker_client)
 
@@ -62,11 +63,26 @@ def test_deploy_local_then_unchanged_then_status(docker_client: Any, serve_bundl
     mounts = {m["Destination"]: m for m in c.attrs["Mounts"]}
     assert mounts["/bundle"]["Type"] == "volume" and mounts["/bundle"]["RW"] is False
     assert c.attrs["HostConfig"]["Init"] is True and c.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    # a random admin token per deployment: in the container, in the 0600 state file, required by admin calls
+    state = Path(deployment["env"]["SLMOPS_DEPLOY_STATE"])
+    token = json.loads(state.read_text())["local"][deployment["name"]]["admin_token"]
+    assert result["admin_token_source"] == "generated" and len(token) >= 40 and state.stat().st_mode & 0o777 == 0o600
+    assert f"SLMOPS_ADMIN_TOKEN={token}" in c.attrs["Config"]["Env"]
+    assert run_slmops(["deploy", "token", "--name", deployment["name"]], env=deployment["env"]).stdout.strip() == token
+    from slmops_serve.client import SlmopsClient
+
+    with SlmopsClient(f"127.0.0.1:{deployment['port']}", token=token, timeout=30) as admin:
+        assert {a.name for a in admin.list_adapters()} >= {"tone"}
+    with SlmopsClient(f"127.0.0.1:{deployment['port']}", token="", timeout=30) as anonymous, \
+            pytest.raises(grpc.RpcError) as denied:
+        anonymous.unload_adapter("tone")
+    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
     print(f"\ndeploy to local: SERVING {result['serving_after_s']:.1f}s after start, {result['total_s']:.1f}s in all "
           f"(bundle {result['bundle_transfer']})")
 
     again = deploy(deployment, serve_bundle, "--serve-arg=--threads=1")
     assert again["status"] == "unchanged" and again["container_id"] == result["container_id"]
+    assert again["admin_token_source"] == "kept"
     assert again["bundle_transfer"]["how"] == "reused"
 
     proc = run_slmops(["deploy", "status", "--json"], env=deployment["env"])  # hosts recorded by the deploys
@@ -117,8 +133,8 @@ def test_any_failure_after_the_stop_rolls_back(docker_client: Any, serve_bundle:
     Injected in-process, after the real engine stopped the old container: (1) the create reached the
     engine but its answer never came back (a new container exists under the name, no handle to it);
     (2) the connection ends (EOFError) while waiting for SERVING."""
-    from slmops.deploy import deployer
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy import deployer
+    from slmops_ops.deploy.hosts import parse_host
 
     first = deploy(deployment, serve_bundle)
     before = generate(deployment["port"])

@@ -18,7 +18,7 @@ pytest.importorskip("docker", reason="the docker SDK (slmops[deploy]) is not ins
 @pytest.mark.parametrize("spec,kind", [("local", "local"), ("ssh://pi@edge-1", "ssh"), ("ssh://edge-1:2222", "ssh"),
                                        ("tcp://10.0.0.5:2375", "tcp"), ("unix:///run/docker.sock", "unix")])
 def test_parse_host(spec: str, kind: str) -> None:
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy.hosts import parse_host
 
     assert parse_host(spec).kind == kind
 
@@ -26,7 +26,7 @@ def test_parse_host(spec: str, kind: str) -> None:
 @pytest.mark.parametrize("spec,hint", [("edge-1", "is not a Docker host"), ("pi@edge-1", "did you mean ssh://pi@edge-1"),
                                        ("http://edge-1", "is not a Docker host"), ("tcp://edge-1", "tcp://host:port")])
 def test_parse_host_refuses(spec: str, hint: str) -> None:
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy.hosts import parse_host
 
     with pytest.raises(SlmopsUsageError) as info:
         parse_host(spec)
@@ -34,7 +34,7 @@ def test_parse_host_refuses(spec: str, hint: str) -> None:
 
 
 def test_split_ref() -> None:
-    from slmops.deploy.transfer import split_ref
+    from slmops_ops.deploy.transfer import split_ref
 
     assert split_ref("slmops-serve:0.1.0") == ("slmops-serve", "0.1.0")
     assert split_ref("127.0.0.1:5000/slmops-serve:0.1.0") == ("127.0.0.1:5000/slmops-serve", "0.1.0")
@@ -42,7 +42,7 @@ def test_split_ref() -> None:
 
 
 def test_tar_stream_round_trips(tmp_path: Path) -> None:
-    from slmops.deploy.transfer import tar_stream
+    from slmops_ops.deploy.transfer import tar_stream
 
     (tmp_path / "model").mkdir()
     files = {"bundle.json": b"{}", "model/model.onnx": bytes(range(256)) * 5000, "model/empty": b"",
@@ -64,7 +64,7 @@ def test_tar_stream_round_trips(tmp_path: Path) -> None:
 def test_gzip_chunks() -> None:
     import gzip
 
-    from slmops.deploy.transfer import gzip_chunks
+    from slmops_ops.deploy.transfer import gzip_chunks
 
     data = [b"abc" * 1000, b"", b"xyz" * 5000]
     assert gzip.decompress(b"".join(gzip_chunks(data))) == b"".join(data)
@@ -91,7 +91,7 @@ def test_cli_bad_inputs_exit_2_naming_the_option(tmp_path: Path) -> None:
 
 
 def test_corrupt_bundle_is_refused_before_anything_moves(tmp_path: Path) -> None:
-    from slmops.deploy.deployer import check_bundle
+    from slmops_ops.deploy.deployer import check_bundle
 
     bundle = tmp_path / "b"
     (bundle / "model").mkdir(parents=True)
@@ -110,8 +110,8 @@ def test_corrupt_bundle_is_refused_before_anything_moves(tmp_path: Path) -> None
 def test_bundle_arch_refusal_names_the_target_to_build(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from slmops.deploy.deployer import check_bundle_arch
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy.deployer import check_bundle_arch
+    from slmops_ops.deploy.hosts import parse_host
 
     host = parse_host("local")
     manifest = SimpleNamespace(target=SimpleNamespace(name="cpu", arch="amd64"))
@@ -127,3 +127,50 @@ def test_bundle_arch_refusal_names_the_target_to_build(tmp_path: Path) -> None:
     with pytest.raises(SlmopsUsageError) as err:
         check_bundle_arch(tmp_path / "cpu", manifest, "arm64", host)  # type: ignore[arg-type]
     assert f"pass --bundle {tmp_path / 'cpu-arm64'}" in err.value.message
+
+
+def test_each_deployment_gets_an_admin_token_kept_in_a_0600_state_file(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import stat
+    from types import SimpleNamespace
+
+    from slmops_ops.deploy.deployer import (
+        ADMIN_TOKEN_ENV,
+        admin_token,
+        container_token,
+        record,
+        recorded_token,
+    )
+    from slmops_ops.deploy.hosts import parse_host
+
+    state = tmp_path / "state" / "deployments.json"
+    monkeypatch.setenv("SLMOPS_DEPLOY_STATE", str(state))
+    host = parse_host("ssh://pi@edge-1")
+    # nothing known: a new random token, different for each deployment
+    first, source = admin_token(host, "serve-a", None, {})
+    second, _ = admin_token(host, "serve-b", None, {})
+    assert source == "generated" and len(first) >= 40 and first != second
+    assert record(host, "serve-a", "slmops-serve:x", "cpu@abc", first)
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    assert recorded_token(host, "serve-a") == first and recorded_token(host, "serve-b") is None
+    # a redeploy keeps it (clients holding it keep working); a record without a token keeps it too
+    assert admin_token(host, "serve-a", None, {}) == (first, "kept")
+    assert record(host, "serve-a", "slmops-serve:y", "cpu@def")
+    assert recorded_token(host, "serve-a") == first
+    # a state file that became world-readable is written back 0600
+    os.chmod(state, 0o644)
+    assert record(host, "serve-a", "slmops-serve:y", "cpu@def", first)
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    # --env SLMOPS_ADMIN_TOKEN wins; a running container's token is kept when this machine has none
+    assert admin_token(host, "serve-a", None, {ADMIN_TOKEN_ENV: "mine"}) == ("mine", "--env")
+    running = SimpleNamespace(attrs={"Config": {"Env": ["PATH=/opt/venv/bin", f"{ADMIN_TOKEN_ENV}=from-container"]}})
+    assert container_token(running) == "from-container"
+    assert admin_token(host, "serve-c", running, {}) == ("from-container", "kept")
+    # `slmops deploy token` prints it; an unknown deployment names the option
+    proc = run_slmops(["deploy", "token", "--host", "ssh://pi@edge-1", "--name", "serve-a"],
+                      env={"SLMOPS_DEPLOY_STATE": str(state)}, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == first, proc.stderr
+    proc = run_slmops(["deploy", "token", "--host", "ssh://pi@edge-1", "--name", "nope"],
+                      env={"SLMOPS_DEPLOY_STATE": str(state)}, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: --name:"), proc.stderr

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.containers.conftest import (
@@ -107,7 +108,14 @@ def test_serve_image_generate_health_metrics_sigterm(docker_client: Any, images:
             expected, _ = Reference(serve_bundle).generate(
                 PROMPT, serve_bundle / "adapters" / "tone.onnx_adapter", max_new_tokens=12)
             assert response.text == expected, "the container must answer exactly like onnxruntime-genai on the host"
-            assert {a.name for a in client.list_adapters()} >= {"tone", "extract"}
+            # no --admin-token: admin calls through the published port (not loopback inside the
+            # container) are refused, and answered from inside the container
+            with pytest.raises(grpc.RpcError) as denied:
+                client.list_adapters()
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "--admin-token" in denied.value.details()
+        inside = c.exec_run(["/opt/venv/bin/python", "-c", "from slmops_serve.client import SlmopsClient; print(sorted("
+                             "a.name for a in SlmopsClient('127.0.0.1:50051', token='').list_adapters()))"])
+        assert inside.exit_code == 0 and b"'extract', 'tone'" in inside.output, inside.output
         assert "slmops" in http_get(f"http://127.0.0.1:{metrics}/metrics")
         assert c.exec_run(["id", "-u"]).output.decode().strip() == "10001"
         probe = c.exec_run(["/opt/venv/bin/python", "/usr/local/lib/slmops/healthcheck.py", "-v"])

@@ -49,7 +49,9 @@ def test_train_build_verify_serve_generate(tiny_model_dir: Path, tiny_data: dict
     bundle = tmp_path / "bundle"
     proc = run_cli(["build", "--model_name_or_path", str(tiny_model_dir), "--target", "cpu", "--adapter",
                     f"tone={tmp_path / 'runs' / 'tone'}", "--adapter", f"extract={tmp_path / 'runs' / 'extract'}",
-                    "--output_path", str(bundle)], env=env, timeout=600)
+                    "--output_path", str(bundle),
+                    # random tiny model: int4 flips greedy near-ties, so only the drop/perplexity gate applies
+                    "--min_agreement", "0"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["lora_template"]["abi_version"] == 3 and manifest["target"]["precision"] == "int4"

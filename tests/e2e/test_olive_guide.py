@@ -287,8 +287,9 @@ def test_unknown_and_refused_options_are_listed_at_once(guide: dict[str, Any]) -
 
 def test_examples_olive_config_plans(guide: dict[str, Any]) -> None:
     """examples/olive-config.yaml maps onto a train and a build stage (checked without running them)."""
+    from slmops_ops.olive_run import plan_from_config
+
     from slmops.configfile import load_yaml
-    from slmops.olive_run import plan_from_config
 
     path = EXAMPLES / "olive-config.yaml"
     plan = plan_from_config(load_yaml(path), str(path), path.parent)

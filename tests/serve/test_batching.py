@@ -113,7 +113,8 @@ def test_batched_prefill_and_decode_equal_onnxruntime_genai(tiny_bundle: Path, r
                                         strict=True)]
         gens = [engine.submit(GenerationRequest(prompt=p, adapter=a, max_new_tokens=16)) for p, a in cases]
         results = [g.result() for g in gens]
-        assert engine.runner is not None and engine.runner.cache.capacity > 256  # the cache grew under live rows
+        # the cache grew under live rows (version 1 is the first allocation), and shrank back once they finished
+        assert engine.runner is not None and engine.runner.cache.version >= 2
     finally:
         engine.close()
     for (prompt, adapter), result in zip(cases, results, strict=True):

@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     lora_r: int = Field(8, ge=1, description="higher increases capacity and memory")
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="module names or 'all-linear'; default: PEFT's per-model default")
+    target_modules: list[str] | None = Field(None, description="module names or 'all-linear'; default: every linear projection of the decoder layers, under the family's names")
     modules_to_save: list[str] | None = Field(None, description="refused: a bundle's adapters carry LoRA A/B pairs only")
     use_rslora: bool = False
     trust_remote_code: bool = False

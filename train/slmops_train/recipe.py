@@ -56,6 +56,19 @@ def linear_module_names(model: Any) -> set[str]:
     return names
 
 
+def default_target_modules(model: Any, model_path: str) -> Any:
+    """Every linear projection of the decoder layers under the family's own PEFT names (Phi-3's fused
+    ``qkv_proj``/``gate_up_proj``, q..down_proj elsewhere), so the default adapter can reach every
+    projection the bundle's adapter ABI has; PEFT's ``all-linear`` for a family slmops has no table for."""
+    from slmops.families import family_or_none
+
+    family = family_or_none(model_path)
+    if family is None:
+        return "all-linear"
+    present = linear_module_names(model)
+    return [m for m in family.modules if m in present] or "all-linear"
+
+
 def check_qlora_support() -> None:
     try:
         import bitsandbytes.functional as bnbf
@@ -97,6 +110,8 @@ def load_model(config: TrainConfig, model_path: str) -> Any:
             )
         if targets == ["all-linear"]:
             targets = "all-linear"
+    else:
+        targets = default_target_modules(model, model_path)
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     lora_kwargs: dict[str, Any] = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}

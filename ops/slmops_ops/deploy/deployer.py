@@ -8,6 +8,12 @@ reachable from here). When it does not (it exits, turns unhealthy or stays NOT_S
 deploy leaves the previous server running. Any other failure once the old container is being
 stopped (a dropped ssh connection, a Docker error, Ctrl-C) rolls back the same way and is reported
 as a DeployError that names the original error. Only one previous container is kept per name.
+
+Each deployment gets an admin token (``$SLMOPS_ADMIN_TOKEN`` in the container, so adapter admin
+calls need it from any host): the one given with ``--env SLMOPS_ADMIN_TOKEN=...``, else the one this
+machine keeps for that host and name, else the one the running container has, else a new random
+one (``secrets.token_urlsafe``). It is kept in the local state file (mode 0600) and never printed
+or put in a label; ``slmops deploy token`` prints it for ``slmops adapters ... --token``.
 """
 
 from __future__ import annotations
@@ -15,18 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
 
 from slmops.bundle import BUNDLE_JSON, BundleError, BundleManifest, read_manifest, verify_files
-from slmops.deploy import (
+from slmops.errors import SlmopsUsageError
+from slmops.platforms import TARGET_FOR_ARCH, bundle_arch, normalize_arch
+from slmops_ops.deploy import (
     BUNDLE_MOUNT,
     CONTAINER_METRICS_PORT,
     CONTAINER_PORT,
@@ -41,12 +50,11 @@ from slmops.deploy import (
     LABEL_IMAGE_ID,
     LABEL_NAME,
 )
-from slmops.deploy.hosts import Host, connect, import_docker, parse_host
-from slmops.deploy.transfer import Moved, ensure_bundle, ensure_image, get_image
-from slmops.errors import SlmopsUsageError
-from slmops.platforms import TARGET_FOR_ARCH, bundle_arch, normalize_arch
+from slmops_ops.deploy.hosts import Host, connect, import_docker, parse_host
+from slmops_ops.deploy.transfer import Moved, ensure_bundle, ensure_image, get_image
 
 STOP_TIMEOUT = 40  # seconds docker gives a stopping server: its default drain (--grace-period 30) + margin
+ADMIN_TOKEN_ENV = "SLMOPS_ADMIN_TOKEN"
 
 
 class DeployError(click.ClickException):
@@ -95,6 +103,10 @@ class DeployResult:
     total_s: float
     previous: str | None = None
     arch: str | None = None  # the host engine's architecture
+    # where the admin token came from: "--env", "kept" (this machine's state or the running
+    # container), "generated"; the token itself is only in the state file and the container
+    admin_token_source: str = ""
+    state_saved: bool = True  # False: the state file could not be written (the token is only in the container)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -407,6 +419,8 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
         raise SlmopsUsageError("--name", f"a container named '{opts.name}' on {opts.host} was not deployed by slmops; "
                                "remove it (docker rm -f) or choose another --name")
     check_port_conflicts(target, opts, {opts.name, f"{opts.name}-previous"})
+    token, token_source = admin_token(opts.host, opts.name, previous, opts.env)
+    opts = replace(opts, env={**opts.env, ADMIN_TOKEN_ENV: token})
     # The host's architecture decides the image and the bundle; a mismatch is refused here, before
     # any transfer and before anything is stopped.
     arch = engine_arch(target)
@@ -438,8 +452,10 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
         ok, _, _ = wait_serving(previous, 5, say)
         if ok:
             say(f"'{opts.name}' on {opts.host} already runs {image_ref} with bundle {bundle_label}, SERVING (--force redeploys)")
+            saved = record(opts.host, opts.name, image_ref, bundle_label, token)
             return DeployResult(str(opts.host), opts.name, "unchanged", image_ref, image.id, bundle_label, previous.id,
-                                image_moved, bundle_moved, 0.0, time.monotonic() - start, arch=arch)
+                                image_moved, bundle_moved, 0.0, time.monotonic() - start, arch=arch,
+                                admin_token_source=token_source, state_saved=saved)
 
     labels = {LABEL_DEPLOY: "1", LABEL_NAME: opts.name, LABEL_IMAGE: image_ref, LABEL_IMAGE_ID: image.id,
               LABEL_CONFIG: key, LABEL_BUNDLE_SHA: bundle_sha or "", LABEL_BUNDLE_NAME: bundle_label, LABEL_ARCH: arch,
@@ -484,10 +500,13 @@ def deploy(opts: DeployOptions, out: TextIO | None = None) -> DeployResult:
                           f"removed and {rolled}.\n--- its last log lines ---\n{logs}")
     say(f"'{opts.name}' on {opts.host} is SERVING after {serving_after:.1f}s")
     prune_bundle_volumes(target)
-    result = DeployResult(str(opts.host), opts.name, "deployed", image_ref, image.id, bundle_label, new.id, image_moved,
-                          bundle_moved, serving_after, time.monotonic() - start, previous_desc, arch)
-    record(opts.host, opts.name, image_ref, bundle_label)
-    return result
+    saved = record(opts.host, opts.name, image_ref, bundle_label, token)
+    if not saved:
+        say(f"could not write {state_file()}: the admin token is only in the container's environment "
+            f"(docker inspect {opts.name}); set $SLMOPS_DEPLOY_STATE to a writable file")
+    return DeployResult(str(opts.host), opts.name, "deployed", image_ref, image.id, bundle_label, new.id, image_moved,
+                        bundle_moved, serving_after, time.monotonic() - start, previous_desc, arch,
+                        admin_token_source=token_source, state_saved=saved)
 
 
 def prune_bundle_volumes(target: Any) -> list[str]:
@@ -534,7 +553,7 @@ def rollback(host: Host, name: str, timeout: float = 120.0, out: TextIO | None =
     if current is not None:
         current.rename(f"{name}-previous")
     image = previous.labels.get(LABEL_IMAGE, _image_name(previous))
-    record(host, name, image, previous.labels.get(LABEL_BUNDLE_NAME, "?"))
+    record(host, name, image, previous.labels.get(LABEL_BUNDLE_NAME, "?"), container_token(previous))
     return f"'{name}' on {host} rolled back to {image} (bundle {previous.labels.get(LABEL_BUNDLE_NAME, '?')}), SERVING after {seconds:.1f}s"
 
 
@@ -555,18 +574,56 @@ def _read_state() -> dict[str, Any]:
         return {}
 
 
-def record(host: Host, name: str, image: str, bundle: str) -> None:
+def record(host: Host, name: str, image: str, bundle: str, token: str | None = None) -> bool:
+    """Remember a deployment (and its admin token; None keeps the one recorded) in the state file,
+    written atomically with mode 0600 (it holds secrets). False when it cannot be written."""
     data = _read_state()
-    data.setdefault(str(host), {})[name] = {"image": image, "bundle": bundle,
-                                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    entry: dict[str, Any] = {"image": image, "bundle": bundle, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    kept = (data.get(str(host)) or {}).get(name, {}).get("admin_token")
+    if token or kept:
+        entry["admin_token"] = token or kept
+    data.setdefault(str(host), {})[name] = entry
     path = state_file()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # also when tmp existed with wider bits
+            f.write(json.dumps(data, indent=2) + "\n")
         tmp.replace(path)
+        return True
     except OSError:
-        pass  # the record only feeds `deploy status` without --host
+        return False
+
+
+def container_token(container: Any | None) -> str | None:
+    """The admin token in a container's environment (``$SLMOPS_ADMIN_TOKEN``), if any."""
+    if container is None:
+        return None
+    for item in (container.attrs.get("Config") or {}).get("Env") or []:
+        key, _, value = str(item).partition("=")
+        if key == ADMIN_TOKEN_ENV and value:
+            return value
+    return None
+
+
+def recorded_token(host: Host | str, name: str) -> str | None:
+    """The admin token this machine keeps for deployment ``name`` on ``host``."""
+    token = ((_read_state().get(str(host)) or {}).get(name) or {}).get("admin_token")
+    return str(token) if token else None
+
+
+def admin_token(host: Host, name: str, previous: Any | None, env: dict[str, str]) -> tuple[str, str]:
+    """(token, source) for a deployment: ``--env SLMOPS_ADMIN_TOKEN=...``; else the one kept here for
+    this host and name; else the running container's (a state file lost, or a deploy from another
+    machine); else a new random one. Reusing it keeps clients and scripts that hold it working."""
+    if env.get(ADMIN_TOKEN_ENV):
+        return env[ADMIN_TOKEN_ENV], "--env"
+    kept = recorded_token(host, name) or container_token(previous)
+    if kept:
+        return kept, "kept"
+    return secrets.token_urlsafe(32), "generated"
 
 
 def known_hosts() -> list[str]:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from slmops.bundle import BUNDLE_JSON, BundleManifest
-from slmops.deploy import BUNDLE_MOUNT, LABEL_BUNDLE_NAME, LABEL_BUNDLE_SHA, LABEL_DEPLOY
-from slmops.deploy.hosts import Host, import_docker
-from slmops.deploy.progress import Progress
 from slmops.errors import SlmopsUsageError
+from slmops_ops.deploy import BUNDLE_MOUNT, LABEL_BUNDLE_NAME, LABEL_BUNDLE_SHA, LABEL_DEPLOY
+from slmops_ops.deploy.hosts import Host, import_docker
+from slmops_ops.deploy.progress import Progress
 
 COMPLETE_MARKER = ".slmops-complete"
 CHUNK = 1 << 20

@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from slmops import __version__
-from slmops.deploy import CONTAINER_METRICS_PORT, CONTAINER_PORT
 from slmops.errors import SlmopsUsageError
+from slmops_ops.deploy import CONTAINER_METRICS_PORT, CONTAINER_PORT
 
 DEFAULT_IMAGE = f"slmops-serve:{__version__}"
 # The default --memory, from the serve container's measured peak: 0.54 GB RSS (VmHWM) serving the
@@ -41,7 +41,7 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
 def engine_errors(host: str) -> Iterator[None]:
     """Engine and connection failures as one-line errors (exit 1) that name the host. Without this, an
     EPIPE from a dropped ssh connection would end the command silently (click turns EPIPE into exit 1)."""
-    from slmops.deploy.hosts import import_docker
+    from slmops_ops.deploy.hosts import import_docker
 
     docker = import_docker()
     import requests
@@ -135,19 +135,24 @@ def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image:
     slmops deploy --host ssh://pi@pi5 --bundle dist/bundles/cpu-arm64 --memory 2g --cpus 3  # an arm64 board
     slmops deploy status                                            # what runs where
     slmops deploy rollback --host ssh://pi@edge-1                   # back to NAME-previous
+    export SLMOPS_ADMIN_TOKEN=$(slmops deploy token --host ssh://pi@edge-1)  # for slmops adapters ...
 
     The new container replaces NAME once it answers SERVING on grpc.health.v1; otherwise it is
     removed and the previous container is started again (exit code 1).
 
     The host engine's architecture picks the image (IMAGE, else IMAGE-<arch> from `make images
     ARCH=arm64`); an image or bundle of another architecture is refused before anything moves.
+
+    Each deployment has its own admin token ($SLMOPS_ADMIN_TOKEN in the container; without it the
+    server refuses adapter admin calls from other hosts): generated once, kept in the local state file
+    (mode 0600) and reused by later deploys; `slmops deploy token` prints it.
     """
     ctx.ensure_object(dict)
     ctx.obj["host"] = host_spec
     if ctx.invoked_subcommand is not None:
         return
-    from slmops.deploy.deployer import DeployOptions, deploy
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy.deployer import DeployOptions, deploy
+    from slmops_ops.deploy.hosts import parse_host
 
     opts = DeployOptions(host=parse_host(host_spec), image=image, bundle=bundle, name=name, port=port,
                          metrics_port=None if no_metrics else metrics_port, bind=bind, registry=_registry(registry),
@@ -170,6 +175,10 @@ def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image:
     bundle_note = b.how if not b.nbytes else f"{b.how}, {b.nbytes / 1e6:.1f} MB in {b.seconds:.1f}s"
     click.echo(f"{result.status} '{result.name}' on {result.host} (linux/{result.arch}): {result.image} ({image_note}), bundle {result.bundle} "
                f"({bundle_note}); SERVING after {result.serving_after_s:.1f}s, {result.total_s:.1f}s in all")
+    if result.admin_token_source != "--env":
+        where = "kept in the local state file" if result.state_saved else "only in the container (docker inspect)"
+        click.echo(f"admin token: {result.admin_token_source}, {where}; `slmops deploy token --host {host_spec} --name "
+                   f"{result.name}` prints it for `slmops adapters ... --token`")
 
 
 @deploy_group.command("status", context_settings=CONTEXT)
@@ -179,8 +188,8 @@ def deploy_group(ctx: click.Context, host_spec: str, bundle: Path | None, image:
 @click.pass_context
 def status_command(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
     """List the slmops serve containers (running, previous, stopped) on each host."""
-    from slmops.deploy.deployer import known_hosts, status
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy.deployer import known_hosts, status
+    from slmops_ops.deploy.hosts import parse_host
 
     parent_host = (ctx.obj or {}).get("host")
     specs = list(hosts) or ([parent_host] if parent_host not in (None, "local") else known_hosts())
@@ -210,13 +219,31 @@ def status_command(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) ->
 @click.pass_context
 def rollback_command(ctx: click.Context, host_spec: str | None, name: str, timeout: float) -> None:
     """Start NAME-previous again in place of NAME (which stays, stopped, as NAME-previous)."""
-    from slmops.deploy.deployer import rollback
-    from slmops.deploy.hosts import parse_host
+    from slmops_ops.deploy.deployer import rollback
+    from slmops_ops.deploy.hosts import parse_host
 
     host = parse_host(host_spec or (ctx.obj or {}).get("host"))
     with engine_errors(str(host)):
         click.echo(rollback(host, name, timeout))
 
 
-# The lazy root CLI registers "deploy" -> "slmops.deploy.cli:deploy_group".
+@deploy_group.command("token", context_settings=CONTEXT)
+@click.option("--host", "host_spec", default=None, help="host  [default: the --host given to `deploy`, else local]")
+@click.option("--name", default="slmops-serve", help="container name")
+@click.pass_context
+def token_command(ctx: click.Context, host_spec: str | None, name: str) -> None:
+    """Print the admin token of deployment NAME on HOST (kept in the local state file by `slmops
+    deploy`), e.g. export SLMOPS_ADMIN_TOKEN=$(slmops deploy token --host ssh://pi@edge-1)."""
+    from slmops_ops.deploy.deployer import recorded_token, state_file
+    from slmops_ops.deploy.hosts import parse_host
+
+    host = parse_host(host_spec or (ctx.obj or {}).get("host"))
+    token = recorded_token(host, name)
+    if token is None:
+        raise SlmopsUsageError("--name", f"no admin token for '{name}' on {host} in {state_file()}; deploy it from this "
+                               "machine with `slmops deploy` (or pass the one you set with --env SLMOPS_ADMIN_TOKEN)")
+    click.echo(token)
+
+
+# The lazy root CLI registers "deploy" -> "slmops_ops.deploy.cli:deploy_group".
 deploy_command = deploy_group
