@@ -67,6 +67,8 @@ def _load_yaml(path: str) -> dict[str, Any]:
               "bundle's largest adapter file, at least 16 MiB]")
 @click.option("--unload-drain-timeout", type=float, default=None, help="seconds UnloadAdapter waits for in-flight requests  [default: 30]")
 @click.option("--grace-period", type=float, default=None, help="seconds in-flight requests get on SIGTERM  [default: 30]")
+@click.option("--step-timeout", type=float, default=None, help="seconds one scheduler step may run; past it the "
+              "server fails every request, turns NOT_SERVING and exits 1 (0 = never)  [default: 120]")
 @click.option("--admin-token", default=None, envvar="SLMOPS_ADMIN_TOKEN", show_envvar=True,
               help="bearer token adapter admin calls require (gRPC Adapters, HTTP /v1/adapters)  [default: none: "
               "admin calls from this machine only (loopback), PERMISSION_DENIED / 403 from any other]")

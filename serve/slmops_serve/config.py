@@ -54,6 +54,10 @@ class ServeConfig(BaseModel):
                                          f"at least {UPLOAD_FLOOR >> 20} MiB")
     unload_drain_timeout_s: float = Field(30.0, ge=0, description="UnloadAdapter waits this long for in-flight requests")
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM: time given to in-flight requests before exit")
+    step_timeout: float = Field(120.0, ge=0, description="seconds one scheduler step may run: a step past it (a hung "
+                                "onnxruntime call) counts as the scheduler's death: every request fails UNAVAILABLE, "
+                                "health turns NOT_SERVING and the server exits 1 for its orchestrator to restart it; "
+                                "0 = never")
     admin_token: str | None = Field(None, description=f"bearer token the Adapters service and the HTTP admin routes "
                                     f"require (or ${ADMIN_TOKEN_ENV}); without one they answer loopback peers only")
     api_key: str | None = Field(None, description=f"bearer token the inference calls require (gRPC Generation, HTTP "

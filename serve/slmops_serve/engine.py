@@ -488,6 +488,8 @@ class Engine:
         # turns health NOT_SERVING).
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._failure: BaseException | None = None  # why the scheduler died; None while it runs
+        self._step_started: float | None = None  # monotonic start of the step running now (the watchdog's)
+        self._watchdog: threading.Thread | None = None
         self._popped: Generation | None = None  # taken from the queue, not yet a row
         self._thread: threading.Thread | None = None
         # a batch's rows' adapter versions -> their LoRA feeds (masks included), bounded in bytes
@@ -545,6 +547,9 @@ class Engine:
                         extra={"fields": {"event": "oversubscribed", "threads": self.threads, "cores": cores}})
         self._thread = threading.Thread(target=self._loop, name="slmops-scheduler", daemon=True)
         self._thread.start()
+        if self.config.step_timeout > 0:
+            self._watchdog = threading.Thread(target=self._watch_steps, name="slmops-watchdog", daemon=True)
+            self._watchdog.start()
         self.warmup()
         self.load_seconds = time.perf_counter() - started
         with self._lock:
@@ -739,9 +744,12 @@ class Engine:
         failed_in_a_row = 0
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._stopping or self._waiting or self._rows)
+                self._lock.wait_for(lambda: self._stopping or self._waiting or self._rows or self._failure is not None)
+                if self._failure is not None:  # the watchdog declared this thread dead while a step hung
+                    return
                 if self._stopping and not self._rows and not self._waiting:
                     return
+            self._step_started = time.monotonic()
             try:
                 if self.fault_hook is not None:
                     self.fault_hook("step")
@@ -769,13 +777,28 @@ class Engine:
                 if failed_in_a_row >= MAX_FAILED_STEPS:
                     raise RuntimeError(f"{failed_in_a_row} steps in a row failed, the last with "
                                        f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self._step_started = None
+
+    def _watch_steps(self) -> None:
+        """A step that runs past --step-timeout (a hung onnxruntime call, a deadlock) is a death of the
+        scheduler, made loud like any other: without this a hung step holds every client while health
+        says SERVING. The hung thread, if it ever returns, finds the engine dead and ends."""
+        timeout = self.config.step_timeout
+        while self._failure is None and not self._stopping:
+            started = self._step_started
+            if started is not None and time.monotonic() - started > timeout:
+                self._die(TimeoutError(f"a scheduler step has run for more than {timeout:g}s (--step-timeout)"))
+                return
+            time.sleep(min(1.0, timeout / 4))
 
     def _die(self, exc: BaseException) -> None:
         """The scheduler thread is dying: refuse everything from now on, fail every admitted request
         (waiting, taken from the queue, running) with UNAVAILABLE so no client blocks, then tell the
-        server (``on_fatal``). Runs in the dying thread; never raises."""
-        log.critical("the scheduler died", exc_info=exc, extra={"fields": {"event": "scheduler_died"}})
+        server (``on_fatal``). Runs in the dying thread (or the watchdog); the first call wins; never raises."""
         with self._lock:
+            if self._failure is not None:  # the watchdog and the hung thread: the first one says it
+                return
             self._failure = exc
             self._accepting = False
             self._draining = True
@@ -787,6 +810,7 @@ class Engine:
             self._popped = None
             self._admitted = 0
             self._lock.notify_all()
+        log.critical("the scheduler died", exc_info=exc, extra={"fields": {"event": "scheduler_died"}})
         error = ServeError(UNAVAILABLE, "", f"the server's scheduler died ({type(exc).__name__}: {exc}); the server is "
                            "unhealthy and about to be restarted; retry on another server or later")
         for gen in gens:

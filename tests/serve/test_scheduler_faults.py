@@ -331,3 +331,33 @@ def test_the_serve_process_exits_1_when_its_scheduler_dies(tiny_bundle: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_hung_step_is_a_death_of_the_scheduler(tiny_bundle: Path) -> None:
+    """A step that runs past --step-timeout (a hung onnxruntime call, here a step held by the token
+    hook) fails the running and the waiting request with UNAVAILABLE and turns health NOT_SERVING,
+    instead of holding every client while health says SERVING; when the hung step ends at last, the
+    thread ends without answering anyone again."""
+    from slmops_serve.client import SlmopsClient
+
+    with running_server(tiny_bundle, http_port=0, metrics_port=None, max_batch=1, max_queue=4, step_timeout=1.0) as srv, \
+            SlmopsClient(srv.address, token=ADMIN_TOKEN, timeout=60) as client, ThreadPoolExecutor(2) as pool:
+        engine = srv.engine
+        gate = Gate(engine)
+        with gate:
+            started = time.monotonic()
+            running = pool.submit(rpc_code, lambda: client.generate(PROMPT, max_new_tokens=4))
+            gate.wait_for(1)
+            waiting = pool.submit(rpc_code, lambda: client.generate(PROMPT, max_new_tokens=4))
+            answers = [running.result(20), waiting.result(20)]
+            took = time.monotonic() - started
+            assert all(code == "UNAVAILABLE" and "--step-timeout" in details for code, details in answers), answers
+            assert took < 6, f"the hung step was noticed after {took:.1f}s (timeout 1s)"
+            assert srv.failed.is_set() and isinstance(engine.failure, TimeoutError)
+            assert all(client.health(name) == "NOT_SERVING" for name in HEALTH_NAMES)
+            assert http_get(srv, "/livez")[0] == 503
+            assert engine._thread is not None and engine._thread.is_alive()  # still hung in its step
+        # the gate opens: the late step returns into a dead engine and its thread ends quietly
+        engine._thread.join(timeout=10)
+        assert not engine._thread.is_alive()
+        assert rpc_code(lambda: client.generate(PROMPT, max_new_tokens=2))[0] == "UNAVAILABLE"
