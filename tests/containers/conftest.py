@@ -199,3 +199,71 @@ def registry(docker_client: Any) -> Iterator[str]:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- an engine reached over ssh:// --------------------------------------------------------------
+SSH_TOOLS = ("/usr/sbin/sshd", "ssh", "ssh-keygen")
+
+
+def ssh_missing() -> str | None:
+    """Why a local sshd in front of an engine cannot run here (None when it can)."""
+    missing = [tool for tool in SSH_TOOLS if shutil.which(tool) is None]
+    if os.getuid() != 0 or missing:
+        return (f"a Docker engine behind a local sshd needs root and {missing or 'nothing else'} "
+                "(apt-get install openssh-server openssh-client; scripts/ci_containers.sh does)")
+    return None
+
+
+def stop_process(proc: subprocess.Popen, seconds: float = 30) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def ssh_to_engine(socket_path: Path, root: Path) -> Iterator[dict[str, Any]]:
+    """A local sshd (127.0.0.1, a free port, its own host key and one authorized key, files under
+    ``root``) whose sessions reach the Docker engine at ``socket_path`` (``SetEnv DOCKER_HOST``): what
+    ``ssh://root@HOST`` means to docker, whose ssh transport runs ``docker system dial-stdio`` there.
+    Yields {"host": "ssh://root@127.0.0.1:PORT", "env": {"PATH": ...}}: ``env`` puts first an ``ssh``
+    that uses this key and trusts this host (pass it to the slmops subprocess). Stops sshd at exit."""
+    reason = ssh_missing()
+    if reason:
+        pytest.skip(reason)
+    root.mkdir(parents=True, exist_ok=True)
+    for key in ("host_key", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
+    shutil.copy(root / "id.pub", root / "authorized_keys")
+    port = free_port()
+    (root / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nAuthorizedKeysFile {root / 'authorized_keys'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        f"StrictModes no\nPidFile {root / 'sshd.pid'}\nSetEnv DOCKER_HOST=unix://{socket_path}\n")
+    (root / "ssh_config").write_text(
+        f"Host *\n  IdentityFile {root / 'id'}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(root / "sshd_config")],
+                            stdout=(root / "sshd.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        bin_dir = root / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        real_ssh = shutil.which("ssh")
+        (bin_dir / "ssh").write_text(f'#!/bin/sh\nexec {real_ssh} -F {root / "ssh_config"} "$@"\n')
+        (bin_dir / "ssh").chmod(0o755)
+        env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        for _ in range(40):
+            probe = subprocess.run(["ssh", "-p", str(port), "root@127.0.0.1", "docker", "version", "--format",
+                                    "{{.Server.Version}}"], env={**os.environ, **env}, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"ssh to the test sshd failed: {probe.stderr}\n{(root / 'sshd.log').read_text()[-2000:]}")
+        yield {"host": f"ssh://root@127.0.0.1:{port}", "env": env}
+    finally:
+        stop_process(sshd)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -18,20 +17,19 @@ from typing import Any
 
 import pytest
 
-from tests.containers.conftest import IMAGES, PROMPT, free_port, run_slmops, wait_serving
+from tests.containers.conftest import (
+    IMAGES,
+    PROMPT,
+    free_port,
+    run_slmops,
+    ssh_missing,
+    ssh_to_engine,
+    stop_process,
+    wait_serving,
+)
 
 BRIDGE = "slmopsbr0"
 BRIDGE_CIDR = "172.31.250.1/24"
-
-
-def _stop(proc: subprocess.Popen, seconds: float = 30) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(seconds)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +37,10 @@ def edge_host(docker_client: Any) -> Iterator[dict[str, Any]]:
     """{"host": "ssh://root@127.0.0.1:PORT", "env": {...PATH with an ssh that knows the key...}, "client": engine}."""
     import docker
 
-    missing = [tool for tool in ("/usr/sbin/sshd", "ssh", "ssh-keygen", "ip", "dockerd") if shutil.which(tool) is None]
-    if os.getuid() != 0 or missing:
-        pytest.skip(f"a second engine behind sshd needs root and {missing or 'nothing else'} "
-                    "(apt-get install openssh-server openssh-client iproute2; scripts/ci_containers.sh does)")
+    reason = ssh_missing() or next((f"a second engine needs {tool} (apt-get install iproute2 docker.io)"
+                                    for tool in ("ip", "dockerd") if shutil.which(tool) is None), None)
+    if reason:
+        pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="slmops-edge-"))
     procs: list[subprocess.Popen] = []
     made_bridge = False
@@ -68,38 +66,11 @@ def edge_host(docker_client: Any) -> Iterator[dict[str, Any]]:
         if remote is None:
             pytest.fail(f"the second dockerd did not start:\n{(root / 'dockerd.log').read_text()[-2000:]}")
 
-        for key in ("host_key", "id"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
-        shutil.copy(root / "id.pub", root / "authorized_keys")
-        port = free_port()
-        (root / "sshd_config").write_text(
-            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nAuthorizedKeysFile {root / 'authorized_keys'}\n"
-            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-            f"StrictModes no\nPidFile {root / 'sshd.pid'}\nSetEnv DOCKER_HOST=unix://{sock}\n")
-        (root / "ssh_config").write_text(
-            f"Host *\n  IdentityFile {root / 'id'}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
-            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
-        Path("/run/sshd").mkdir(exist_ok=True)
-        procs.append(subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(root / "sshd_config")],
-                                      stdout=(root / "sshd.log").open("w"), stderr=subprocess.STDOUT))
-        bin_dir = root / "bin"
-        bin_dir.mkdir()
-        real_ssh = shutil.which("ssh")
-        (bin_dir / "ssh").write_text(f'#!/bin/sh\nexec {real_ssh} -F {root / "ssh_config"} "$@"\n')
-        (bin_dir / "ssh").chmod(0o755)
-        env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-        for _ in range(40):
-            probe = subprocess.run(["ssh", "-p", str(port), "root@127.0.0.1", "docker", "version", "--format",
-                                    "{{.Server.Version}}"], env={**os.environ, **env}, capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            time.sleep(0.25)
-        else:
-            pytest.fail(f"ssh to the test sshd failed: {probe.stderr}\n{(root / 'sshd.log').read_text()[-2000:]}")
-        yield {"host": f"ssh://root@127.0.0.1:{port}", "env": env, "client": remote, "root": root}
+        with ssh_to_engine(sock, root / "ssh") as ssh:
+            yield {**ssh, "client": remote, "root": root}
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         if made_bridge:
             subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
         subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)

@@ -6,11 +6,17 @@ engine (read only: `docker save`); the bundles are the tiny test bundle and copi
 `tone` adapter's weights scaled (a new version whose answers carry a new adapter sha256).
 
 The tests run in order on one swarm (module scope): v1, the same again, v2 under load, v3 that
-cannot start, adapters all-or-nothing, a node lost during an update (last: it kills node-2).
+cannot start, adapters all-or-nothing, a canary, a canary that answers wrongly (rolled back), the
+manager reached over ssh://, a manifest list put to the lab's registry, a multi-arch rollout (amd64
++ a tiny cpu-arm64 build), a node lost during an update (last: it kills node-2).
+
+Every lab node is amd64: that an arm64 node pulls the arm64 member of the manifest list and runs it
+is not tested here (the list's arm64 entry, its digest and its image's architecture are).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -23,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from tests.containers.conftest import CLI, IMAGES, run_slmops
+from tests.containers.conftest import CLI, IMAGES, run_slmops, ssh_to_engine
+from tests.containers.test_arm64 import ARM64_IMAGE, arm64_bundle  # noqa: F401 - the cpu-arm64 bundle fixture
 
 SERVICE = "slm"
 PORT = 50061
@@ -85,7 +92,7 @@ def versions(serve_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
     root = tmp_path_factory.mktemp("fleet-bundles")
     return {"v1": serve_bundle, **{v: bundle_variant(serve_bundle, root / v, scale)
-                                   for v, scale in (("v2", 1.5), ("v3", 2.0), ("v4", 2.5))}}
+                                   for v, scale in (("v2", 1.5), ("v3", 2.0), ("v4", 2.5), ("v5", 3.0))}}
 
 
 def fleet(lab: Any, env: dict[str, str], *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -238,6 +245,192 @@ def test_canary_first_then_the_rest(lab: Any, env: dict[str, str], versions: dic
     assert all(r["image"] == result["image"] for r in status(lab, env))
 
 
+def test_canary_that_answers_wrongly_is_rolled_back(lab: Any, env: dict[str, str], versions: dict[str, Path]) -> None:
+    """v5's image serves other weights than v5's bundle (baked beforehand from v2's files under v5's
+    tag: a stale or tampered registry image). It starts and is healthy, so only the canary's
+    comparison with what v5 itself answers catches it: exit 1 naming the node, the adapter,
+    expected vs got, and Swarm's rollback puts every node back on v4, SERVING."""
+    from slmops_ops.deploy.deployer import check_bundle
+    from slmops_ops.fleet.bake import bake
+    from slmops_serve.client import SlmopsClient
+
+    from slmops.bundle import read_manifest
+
+    before = {r["node"]: r["image"] for r in status(lab, env)}
+    manifest, sha = check_bundle(versions["v5"])
+    assert read_manifest(versions["v2"]).adapters["tone"].sha256 != manifest.adapters["tone"].sha256
+    tampered = bake(lab.manager.client, IMAGES["serve"], versions["v2"], manifest, sha, lab.registry, print)
+    start = time.monotonic()
+    proc = fleet(lab, env, *deploy_args(lab, versions["v5"], "--canary", "1"))
+    took = time.monotonic() - start
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("Error: canary ") and "on node node-" in err, err
+    assert "answered wrongly for adapter 'tone'" in err, err
+    assert f"adapter sha256 expected {adapter_sha(versions['v5'])[:16]} (bundle.json), got " \
+           f"{adapter_sha(versions['v2'])[:16]}" in err, err
+    assert "text expected" in err and f"Swarm rolled '{SERVICE}' back to {before['node-0']}" in err, err
+    print(f"\na canary that answered wrongly ({tampered.ref}), rolled back in {took:.1f}s: {err[:400]}")
+    rows = status(lab, env)
+    assert {r["node"]: r["image"] for r in rows} == before
+    assert all(r["state"] == "running" and r["health"] == "SERVING" for r in rows), rows
+    for node in lab.nodes:
+        with SlmopsClient(f"{node.address}:{PORT}", timeout=30) as c:
+            assert c.generate("Tone of: hi\n", adapter="tone", max_new_tokens=2).adapter_sha256 == \
+                adapter_sha(versions["v4"])
+
+
+def test_manager_over_ssh(lab: Any, env: dict[str, str], versions: dict[str, Path], tmp_path: Path) -> None:
+    """--manager ssh://root@127.0.0.1:PORT: a local sshd whose sessions reach the lab manager's engine
+    (docker's ssh transport: `docker system dial-stdio` there). Status answers; the running version
+    deployed again is "unchanged"."""
+    with ssh_to_engine(lab.manager.root / "docker.sock", tmp_path / "ssh") as ssh:
+        ssh_env = {**env, **ssh["env"]}
+        proc = run_slmops(["fleet", "status", "--service", SERVICE, "--json", "--manager", ssh["host"]], env=ssh_env,
+                          timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = json.loads(proc.stdout)
+        assert sorted(r["node"] for r in rows) == ["node-0", "node-1", "node-2"]
+        assert all(r["health"] == "SERVING" for r in rows), rows
+        start = time.monotonic()
+        proc = run_slmops(["fleet", *deploy_args(lab, versions["v4"]), "--manager", ssh["host"]], env=ssh_env,
+                          timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout)
+        assert result["status"] == "unchanged" and result["tasks"] == 3, result
+        print(f"\nfleet status and an unchanged deploy over ssh://: deploy {time.monotonic() - start:.1f}s")
+
+
+def _tiny_image(reg: Any, repo: str, tag: str, arch: str) -> tuple[str, str]:
+    """One-layer image of ``arch`` put to the registry blob by blob (no engine): (manifest digest, config digest)."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    from slmops_ops.fleet.bake import DOCKER_MANIFEST
+
+    def put_blob(data: bytes) -> str:
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        code, headers, body = reg.request("POST", f"/v2/{repo}/blobs/uploads/")
+        assert code == 202, body
+        location = headers["location"]
+        if "://" in location:
+            location = "/" + location.split("://", 1)[1].split("/", 1)[1]
+        code, _, body = reg.request("PUT", location + ("&" if "?" in location else "?") + f"digest={digest}", body=data,
+                                    headers={"Content-Type": "application/octet-stream"})
+        assert code == 201, body
+        return digest
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("arch.txt")
+        payload = f"{arch}\n".encode()
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    layer = gzip.compress(raw.getvalue(), mtime=0)
+    config = json.dumps({"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/true"]},
+                         "rootfs": {"type": "layers",
+                                    "diff_ids": [f"sha256:{hashlib.sha256(raw.getvalue()).hexdigest()}"]}}).encode()
+    config_digest, layer_digest = put_blob(config), put_blob(layer)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                                      "size": len(config), "digest": config_digest},
+                           "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                                       "size": len(layer), "digest": layer_digest}]}).encode()
+    code, _, body = reg.request("PUT", f"/v2/{repo}/manifests/{tag}", body=manifest,
+                                headers={"Content-Type": DOCKER_MANIFEST})
+    assert code == 201, body
+    return f"sha256:{hashlib.sha256(manifest).hexdigest()}", config_digest
+
+
+def test_manifest_list_put_on_the_lab_registry(lab: Any) -> None:
+    """The v2 manifest list PUT against the registry the nodes pull from: one amd64 and one arm64
+    image (put blob by blob), the list over them read back, and an amd64 node that pulls the list
+    gets the amd64 image. A member whose image is of another arch than its entry is refused."""
+    from slmops_ops.fleet.bake import DOCKER_LIST, DOCKER_MANIFEST, Registry
+
+    from slmops.errors import SlmopsUsageError
+
+    reg = Registry(lab.registry)
+    repo = "slmops-bundle"
+    digests = {arch: _tiny_image(reg, repo, f"listtest-{arch}", arch) for arch in ("amd64", "arm64")}
+    ref = f"{lab.registry}/{repo}:listtest"
+    digest = reg.put_list(ref, [(arch, f"{lab.registry}/{repo}:listtest-{arch}") for arch in ("amd64", "arm64")])
+    code, headers, body = reg.request("GET", f"/v2/{repo}/manifests/listtest", headers={"Accept": DOCKER_LIST})
+    assert code == 200 and headers["content-type"] == DOCKER_LIST and headers["docker-content-digest"] == digest
+    doc = json.loads(body)
+    assert doc["mediaType"] == DOCKER_LIST and [(m["platform"]["architecture"], m["digest"], m["mediaType"])
+                                                for m in doc["manifests"]] == \
+        [("amd64", digests["amd64"][0], DOCKER_MANIFEST), ("arm64", digests["arm64"][0], DOCKER_MANIFEST)]
+    assert doc["manifests"][1]["platform"] == {"architecture": "arm64", "os": "linux", "variant": "v8"}
+    pulled = lab.nodes[1].client.images.pull(f"{lab.registry}/{repo}", tag="listtest")
+    assert pulled.id == digests["amd64"][1] and pulled.attrs["Architecture"] == "amd64"
+    with pytest.raises(SlmopsUsageError, match="is a linux/amd64 image, not linux/arm64"):
+        reg.put_list(f"{lab.registry}/{repo}:listtest-bad", [("arm64", f"{lab.registry}/{repo}:listtest-amd64")])
+
+
+def test_multi_arch_rollout_amd64_nodes_run_the_amd64_member(lab: Any, env: dict[str, str], versions: dict[str, Path],
+                                                            arm64_bundle: Path,  # noqa: F811 - the fixture
+                                                            docker_client: Any) -> None:
+    """--bundle CPU --bundle CPU-ARM64: each baked from its arch's serve image and pushed, a manifest
+    list over them, the service placed by Placement.Platforms; every (amd64) node runs the amd64
+    member. An arm64 node pulling the arm64 member is not tested: every lab node is amd64."""
+    import docker
+    from slmops_ops.deploy.deployer import check_bundle
+    from slmops_ops.fleet import LABEL_BUNDLE_SHA
+    from slmops_ops.fleet.bake import DOCKER_LIST, Registry
+    from slmops_serve.client import SlmopsClient
+
+    try:
+        docker_client.images.get(ARM64_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.skip(f"no {ARM64_IMAGE} in the local engine: `make images ARCH=arm64 OFFLINE=1` builds it (emulated; "
+                    "scripts/ci_containers.sh does)")
+    service, port = "slm-multi", PORT + 2
+    _, sha_amd = check_bundle(versions["v1"])
+    _, sha_arm = check_bundle(arm64_bundle)
+    try:
+        start = time.monotonic()
+        proc = fleet(lab, env, "deploy", "--bundle", str(versions["v1"]), "--bundle", str(arm64_bundle), "--service",
+                     service, "--port", str(port), "--registry", lab.registry, "--serve-arg=--threads=1",
+                     "--timeout", "600", "--json", timeout=1500)
+        took = time.monotonic() - start
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout)
+        assert result["status"] == "created" and result["tasks"] == 3, result
+        members = result["members"]
+        assert sorted(members) == ["amd64", "arm64"], members
+        assert members["amd64"]["bundle_sha256"] == sha_amd and members["arm64"]["bundle_sha256"] == sha_arm
+        spec = lab.manager.client.api.inspect_service(service)["Spec"]
+        assert spec["TaskTemplate"]["Placement"]["Platforms"] == [{"Architecture": "amd64", "OS": "linux"},
+                                                                  {"Architecture": "arm64", "OS": "linux"}]
+        repo, tag = result["image"][len(lab.registry) + 1:].rsplit(":", 1)
+        code, _, body = Registry(lab.registry).request("GET", f"/v2/{repo}/manifests/{tag}",
+                                                       headers={"Accept": DOCKER_LIST})
+        assert code == 200 and sorted(m["platform"]["architecture"] for m in json.loads(body)["manifests"]) == \
+            ["amd64", "arm64"]
+        arm_image = lab.manager.client.images.get(members["arm64"]["image"])
+        assert arm_image.attrs["Architecture"] == "arm64" and arm_image.labels[LABEL_BUNDLE_SHA] == sha_arm
+        for node in lab.nodes:  # each node runs the amd64 member, pulled through the list
+            (c,) = node.client.containers.list(filters={"label": f"com.docker.swarm.service.name={service}"})
+            assert c.image.attrs["Architecture"] == "amd64" and c.image.labels[LABEL_BUNDLE_SHA] == sha_amd, node.name
+            with SlmopsClient(f"{node.address}:{port}", timeout=30) as client:
+                assert client.generate("Tone of: hi\n", adapter="tone", max_new_tokens=2).adapter_sha256 == \
+                    adapter_sha(versions["v1"])
+        proc = fleet(lab, env, "status", "--service", service, "--json")
+        rows = json.loads(proc.stdout)
+        assert [(r["arch"], r["health"], r["bundle_sha256"]) for r in rows] == [("amd64", "SERVING", sha_amd[:12])] * 3
+        print(f"\nmulti-arch (amd64 + cpu-arm64) created on 3 amd64 nodes in {took:.1f}s: {result['baked']}")
+        again = fleet(lab, env, "deploy", "--bundle", str(versions["v1"]), "--bundle", str(arm64_bundle), "--service",
+                      service, "--port", str(port), "--registry", lab.registry, "--serve-arg=--threads=1", "--json")
+        assert again.returncode == 0 and json.loads(again.stdout)["status"] == "unchanged", again.stderr[-2000:]
+    finally:
+        with contextlib.suppress(Exception):
+            lab.manager.client.api.remove_service(service)
+
+
 def test_bad_input_one_line_exit_2(lab: Any, env: dict[str, str], versions: dict[str, Path]) -> None:
     cases = {
         "unknown service": (["status", "--service", "nope", "--manager", lab.manager.socket], "--service"),
@@ -325,3 +518,55 @@ def test_arm64_bundle_is_placed_on_arm64_nodes_only() -> None:
     update = spec["UpdateConfig"]
     assert update["Parallelism"] == 1 and update["FailureAction"] == "rollback" and update["Order"] == "stop-first"
     assert all(p["PublishMode"] == "host" for p in spec["EndpointSpec"]["Ports"])
+
+
+def test_canary_compares_each_answer_with_what_the_bundle_answers(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The canary's check against a real in-process server: the answers computed here with the
+    server's decode loop equal the server's, to the character; another adapter version (its sha256)
+    or another text is named, expected vs got; --no-canary-compare only checks that each answers."""
+    from slmops_ops.fleet.lab import bundle_variant
+    from slmops_ops.fleet.swarm import expected_answers, generate_each
+
+    from slmops.bundle import read_manifest
+    from tests.serve.conftest import ADMIN_TOKEN, running_server
+
+    manifest = read_manifest(tiny_bundle)
+    want = expected_answers(tiny_bundle, manifest)
+    assert sorted(want) == ["", "extract", "tone"]
+    assert want["tone"]["sha256"] == manifest.adapters["tone"].sha256 and want[""]["sha256"] == ""
+    assert len({w["text"] for w in want.values()}) > 1, want  # the adapters change the answer: the text says something
+    names = ["extract", "tone"]
+    with running_server(tiny_bundle) as server:
+        answers = generate_each(server.address, ADMIN_TOKEN, names, want)
+        assert [a["adapter"] for a in answers] == ["", "extract", "tone"]
+        assert all(a["ok"] for a in answers), answers
+        assert [a["text"] for a in answers] == [want[k]["text"] for k in ("", "extract", "tone")]
+        other = {k: dict(v) for k, v in want.items()}
+        other[""]["text"] += " and more"  # a server whose base weights answer otherwise
+        bad = generate_each(server.address, ADMIN_TOKEN, names, other)
+        assert [a["ok"] for a in bad] == [False, True, True], bad
+        assert bad[0]["error"] == f"text expected {other['']['text']!r} (what the bundle answers), got {want['']['text']!r}"
+        missing = generate_each(server.address, ADMIN_TOKEN, names, {k: v for k, v in want.items() if k != "extract"})
+        assert [a["ok"] for a in missing] == [True, False, True] and "no such adapter" in missing[1]["error"]
+
+    variant = bundle_variant(tiny_bundle, tmp_path / "v2", 3.0)  # the tone adapter's weights x3: a new sha256
+    with running_server(variant) as server:
+        answers = generate_each(server.address, ADMIN_TOKEN, names, want)
+        assert [a["ok"] for a in answers] == [True, True, False], answers
+        err = answers[2]["error"]
+        assert err.startswith(f"adapter sha256 expected {want['tone']['sha256'][:16]} (bundle.json), got "
+                              f"{read_manifest(variant).adapters['tone'].sha256[:16]}"), err
+        assert all(a["ok"] for a in generate_each(server.address, ADMIN_TOKEN, names, None))  # --no-canary-compare
+
+
+def test_bundles_of_a_multi_arch_rollout_are_checked_before_anything_moves(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Several --bundle: one per architecture, with the same adapters; one line and exit 2 otherwise."""
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_bundle, twin)
+    proc = run_slmops(["fleet", "deploy", "--bundle", str(tiny_bundle), "--bundle", str(twin), "--registry",
+                       "127.0.0.1:1", "--manager", "unix:///nonexistent/docker.sock"], timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "--bundle" in lines[0] and "are both amd64 builds" in lines[0], lines[0]

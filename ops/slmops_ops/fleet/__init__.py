@@ -13,7 +13,11 @@ adapters are separate layers, so a change of adapters re-ships only the adapter 
 the bundle's content hash and push it to ``--registry``; create or update the service; follow the
 update task by task and, when Swarm rolled back, exit non-zero naming the node, the task's error
 and its last log lines; ``--canary K`` (a first batch of K tasks, each sent a real Generate per
-adapter before the rest follow); ``fleet status`` (a row per task, health asked over gRPC);
+adapter whose answer must equal what the bundle itself answers, computed here with
+``slmops.runtime.LocalModel``, before the rest follow; a wrong answer makes Swarm roll back);
+several ``--bundle`` (one per architecture: each baked from its architecture's serve image and
+pushed, a manifest list over them put to the registry, the service placed by
+``Placement.Platforms`` so each node pulls its own member); ``fleet status`` (a row per task, health asked over gRPC);
 ``fleet adapters load|unload`` on every replica, all or nothing; ``fleet rollback``.
 
 Ports are published in host mode (``mode=host``: each device's own address; the routing mesh
@@ -31,4 +35,5 @@ LABEL_SPEC = "io.slmops.fleet.spec"  # sha256 of the spec slmops asked for: same
 LABEL_BUNDLE_SHA = "io.slmops.bundle.sha256"
 LABEL_BUNDLE_NAME = "io.slmops.bundle.name"
 LABEL_ADAPTERS = "io.slmops.bundle.adapters"
+LABEL_MEMBERS = "io.slmops.fleet.members"  # multi-arch: "amd64=SHA,arm64=SHA", each member's bundle.json sha256
 BUNDLE_REPO = "slmops-bundle"  # REGISTRY/slmops-bundle:TARGET-SHA12

@@ -31,6 +31,8 @@ def fleet_group() -> None:
 
     \b
     slmops fleet deploy --bundle dist/bundles/cpu --service slm --port 50051 --registry reg.lan:5000
+    slmops fleet deploy --bundle dist/bundles/cpu --bundle dist/bundles/cpu-arm64 --service slm --port 50051 \\
+        --registry reg.lan:5000 --canary 1
     slmops fleet status --service slm
     slmops fleet adapters load tone2 runs/tone2/tone2.onnx_adapter --service slm
     slmops fleet rollback --service slm
@@ -43,7 +45,9 @@ def fleet_group() -> None:
 
 
 @fleet_group.command("deploy", context_settings=CONTEXT)
-@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="bundle folder from `slmops build`")
+@click.option("--bundle", "bundles", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="bundle folder from `slmops build`; repeat it with one build per architecture (e.g. "
+                   "dist/bundles/cpu and dist/bundles/cpu-arm64) for a multi-arch manifest list")
 @click.option("--service", default="slmops", help="Swarm service name")
 @click.option("--replicas", type=click.IntRange(min=0), default=None, help="N tasks  [default: global, one per device]")
 @click.option("--global", "global_mode", is_flag=True, help="one task per device (the default)")
@@ -58,32 +62,46 @@ def fleet_group() -> None:
 @click.option("--serve-arg", "serve_args", multiple=True, help="extra `slmops serve` argument (repeatable)")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE in the server (repeatable)")
 @click.option("--canary", type=click.IntRange(min=0), default=0,
-              help="update K tasks first, send each a Generate per adapter, then the rest")
+              help="update K tasks first, send each a Generate per adapter (compared with the bundle's own "
+                   "answer), then the rest; a wrong answer rolls back")
+@click.option("--canary-compare/--no-canary-compare", default=True,
+              help="the canary's answers must equal what the bundle answers, computed here (same raw prompt, "
+                   "greedy, 6 tokens) with the adapter's bundle.json sha256; off: each adapter must only answer")
 @click.option("--timeout", type=float, default=600.0, help="seconds the whole rollout may take")
 @click.option("--update-monitor", "monitor", type=float, default=5.0,
               help="seconds Swarm watches each updated task before the next")
 @click.option("--memory", default=None, metavar="SIZE", help="memory limit per task, e.g. 2g")
 @click.option("--cpus", type=float, default=None, help="CPU limit per task")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def deploy_command(bundle: Path, service: str, replicas: int | None, global_mode: bool, constraints: tuple[str, ...],
+def deploy_command(bundles: tuple[Path, ...], service: str, replicas: int | None, global_mode: bool, constraints: tuple[str, ...],
                    port: int, http_port: int | None, metrics_port: int | None, registry: str | None, manager: str,
-                   image: str, serve_args: tuple[str, ...], env: tuple[str, ...], canary: int, timeout: float,
-                   monitor: float, memory: str | None, cpus: float | None, as_json: bool) -> None:
+                   image: str, serve_args: tuple[str, ...], env: tuple[str, ...], canary: int, canary_compare: bool,
+                   timeout: float, monitor: float, memory: str | None, cpus: float | None, as_json: bool) -> None:
     """Create or update a Swarm service running BUNDLE on every device (or N replicas).
 
     The bundle is baked into an image tagged by its content hash and pushed to --registry; Swarm
     updates one device at a time, gated by the image's gRPC health check, and rolls back on its own
     when a new task fails (exit 1, naming the node, the task error and its last log lines). The same
     bundle and options again: "unchanged". A cpu-arm64 bundle is placed on arm64 nodes only.
+
+    Several --bundle (one per architecture): each is baked from its architecture's serve image
+    (IMAGE, else IMAGE-ARCH as `make images ARCH=arm64` tags it) and pushed, a manifest list over
+    them is put to the registry (its HTTP API, reached from this machine), and the service is placed
+    by Placement.Platforms: each node pulls the member of its own architecture.
+
+    --canary K: K tasks first; each gets a Generate per adapter (a fixed raw prompt, greedy) whose
+    adapter name, adapter sha256 and text must equal what the bundle itself answers (computed here
+    with the server's decode loop). A wrong answer makes Swarm roll the canaries back and the
+    command exits 1 naming the node, the adapter, and what was expected and got.
     """
     from slmops_ops.fleet.swarm import FleetOptions, deploy
 
     if global_mode and replicas is not None:
         raise SlmopsUsageError("--replicas", "--global and --replicas exclude each other; pick one")
-    opts = FleetOptions(manager=manager, service=service, bundle=bundle, image=image, registry=_registry(registry),
+    opts = FleetOptions(manager=manager, service=service, bundles=list(bundles), image=image, registry=_registry(registry),
                         port=port, http_port=http_port, metrics_port=metrics_port, replicas=replicas,
                         constraints=list(constraints), serve_args=list(serve_args), env=_env_pairs(env), canary=canary,
-                        timeout=timeout, monitor=monitor, memory=memory, cpus=cpus)
+                        canary_compare=canary_compare, timeout=timeout, monitor=monitor, memory=memory, cpus=cpus)
     with engine_errors(manager):
         result = deploy(opts, out=sys.stderr)
     if as_json:

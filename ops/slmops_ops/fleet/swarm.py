@@ -32,10 +32,11 @@ from slmops_ops.fleet import (
     LABEL_BUNDLE_NAME,
     LABEL_BUNDLE_SHA,
     LABEL_FLEET,
+    LABEL_MEMBERS,
     LABEL_PORT,
     LABEL_SPEC,
 )
-from slmops_ops.fleet.bake import bake
+from slmops_ops.fleet.bake import Baked, Registry, bake, list_ref
 
 HTTP_CONTAINER_PORT = 8000
 STOP_GRACE_S = 40  # the server's drain (--grace-period 30) + margin
@@ -44,6 +45,17 @@ NS = 1_000_000_000
 PORT_RACE = "port is already allocated"
 PORT_RACE_RETRIES = 2
 STALL_S = 20.0  # an update that waits this long on a node that is down: that node is drained
+CANARY_PROMPT = "Hello! Say something about the weather.\n"  # raw (no chat template), greedy
+CANARY_TOKENS = 6
+ANY_ARCH = "*"  # the expected answers of a single bundle, whatever a node's arch
+
+
+class CanaryFailed(Exception):
+    """A canary task answered wrongly: deploy() has Swarm roll the service back, then says who and what."""
+
+    def __init__(self, node: str, address: str, answer: dict[str, Any]) -> None:
+        super().__init__(node)
+        self.node, self.address, self.answer = node, address, answer
 
 
 class FleetError(click.ClickException):
@@ -55,6 +67,7 @@ class FleetOptions:
     manager: str = "local"
     service: str = "slmops"
     bundle: Path | None = None
+    bundles: list[Path] = field(default_factory=list)  # one per architecture (several: a manifest list)
     image: str = ""
     registry: str | None = None
     port: int = CONTAINER_PORT
@@ -65,6 +78,7 @@ class FleetOptions:
     serve_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     canary: int = 0
+    canary_compare: bool = True  # the canary's answers must equal the bundle's own (computed here)
     timeout: float = 300.0
     monitor: float = 5.0
     health_interval: float = 2.0
@@ -81,6 +95,7 @@ class FleetResult:
     tasks: int
     seconds: float
     baked: dict[str, Any] = field(default_factory=dict)
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)  # multi-arch: arch -> image, bundle sha256
     down_nodes: list[str] = field(default_factory=list)
     canary: list[dict[str, Any]] = field(default_factory=list)
     admin_token_source: str = ""
@@ -171,11 +186,18 @@ def server_args(opts: FleetOptions) -> list[str]:
 
 
 def service_spec(opts: FleetOptions, image: str, arch: str | None, sha256: str, target: str, adapters: list[str],
-                 token: str) -> dict[str, Any]:
+                 token: str, members: dict[str, str] | None = None) -> dict[str, Any]:
+    """The service's spec. ``members`` (arch -> bundle sha256): ``image`` is a manifest list over one
+    image per architecture, and the tasks are placed by ``Placement.Platforms`` (a node of another
+    architecture gets none); else a bundle of a known ``arch`` is constrained to nodes of that arch."""
     labels = {LABEL_FLEET: "1", LABEL_BUNDLE_SHA: sha256, LABEL_BUNDLE_NAME: target, LABEL_ADAPTERS: ",".join(adapters),
               LABEL_PORT: str(opts.port)}
     constraints = list(opts.constraints)
-    if arch in SWARM_ARCH:
+    placement: dict[str, Any] = {"Constraints": constraints}
+    if members:
+        labels[LABEL_MEMBERS] = ",".join(f"{a}={members[a]}" for a in sorted(members))
+        placement["Platforms"] = [{"Architecture": a, "OS": "linux"} for a in sorted(members)]
+    elif arch in SWARM_ARCH:
         constraints.append(f"node.platform.arch=={SWARM_ARCH[arch]}")
     ports = [(opts.port, CONTAINER_PORT)]
     if opts.metrics_port:
@@ -204,7 +226,7 @@ def service_spec(opts: FleetOptions, image: str, arch: str | None, sha256: str, 
             },
             "Resources": {"Limits": limits},
             "RestartPolicy": {"Condition": "any", "Delay": 2 * NS, "MaxAttempts": 0},
-            "Placement": {"Constraints": constraints},
+            "Placement": placement,
             "LogDriver": {"Name": "json-file", "Options": {"max-size": "10m", "max-file": "3"}},
         },
         "Mode": {"Replicated": {"Replicas": opts.replicas}} if opts.replicas is not None else {"Global": {}},
@@ -363,16 +385,109 @@ def _existing_token(service: dict[str, Any] | None) -> str | None:
     return None
 
 
+@dataclass
+class Member:
+    """One bundle of a rollout: its folder, manifest, bundle.json sha256 and architecture."""
+    bundle: Path
+    manifest: Any
+    sha256: str
+    arch: str | None
+    baked: Baked | None = None
+
+
+def _members(opts: FleetOptions) -> list[Member]:
+    paths = list(opts.bundles) or ([opts.bundle] if opts.bundle is not None else [])
+    if not paths:
+        raise SlmopsUsageError("--bundle", "pass the bundle folder to roll out (make bundle writes dist/bundles/cpu)")
+    members = [Member(p, *check_bundle(p), None) for p in paths]
+    for m in members:
+        m.arch = bundle_arch(m.manifest)
+    if len(members) == 1:
+        return members
+    unknown = [str(m.bundle) for m in members if m.arch is None]
+    if unknown:
+        raise SlmopsUsageError("--bundle", f"cannot tell which architecture {', '.join(unknown)} was built for; "
+                               "several --bundle need one build per architecture (slmops build --target cpu / cpu-arm64)")
+    seen: dict[str, Path] = {}
+    for m in members:
+        assert m.arch is not None
+        if m.arch in seen:
+            raise SlmopsUsageError("--bundle", f"{seen[m.arch]} and {m.bundle} are both {m.arch} builds; pass one "
+                                   "bundle per architecture")
+        seen[m.arch] = m.bundle
+    names = {m.arch: sorted(m.manifest.adapters) for m in members}
+    if len({tuple(v) for v in names.values()}) > 1:
+        raise SlmopsUsageError("--bundle", "the bundles carry different adapters ("
+                               + "; ".join(f"{a}: {', '.join(v) or 'none'}" for a, v in sorted(names.items()))
+                               + "); every device of a service must serve the same ones")
+    return sorted(members, key=lambda m: str(m.arch))
+
+
+def expected_answers(bundle: Path, manifest: Any, prompt: str = CANARY_PROMPT,
+                     max_new_tokens: int = CANARY_TOKENS) -> dict[str, dict[str, str]]:
+    """adapter ("" = the base model) -> {"text", "sha256"}: what ``bundle`` itself answers to the
+    canary's Generate (raw ``prompt``, greedy, ``max_new_tokens``), computed in this process by the
+    server's decode loop (``slmops.runtime.LocalModel``) and detokenized by the server's incremental
+    detokenizer; the sha256 is bundle.json's."""
+    from slmops.runtime import LocalModel
+
+    try:
+        model = LocalModel(bundle / manifest.model_dir, manifest.lora_template,
+                           execution_provider=manifest.target.execution_provider)
+        ids = model.codec.encode(prompt)
+        out = {}
+        for adapter in ["", *sorted(manifest.adapters)]:
+            if adapter:
+                model.load_adapter(adapter, bundle / manifest.adapters[adapter].file)
+            stream = model.codec.stream()
+            text = "".join(stream.decode(t) for t in model.stream(ids, max_new_tokens, adapter or None))
+            out[adapter] = {"text": text, "sha256": manifest.adapters[adapter].sha256 if adapter else ""}
+            if adapter:
+                model.unload_adapter(adapter)
+    except Exception as exc:  # onnxruntime raises its own types (a provider missing here, a bad graph)
+        raise SlmopsUsageError("--canary", f"cannot compute what {bundle} answers, to compare the canary's answers with "
+                               f"({type(exc).__name__}: {str(exc)[:300]}); pass --no-canary-compare to only check "
+                               "that each adapter answers") from exc
+    return out
+
+
+def _bake_members(opts: FleetOptions, members: list[Member], host: Host, client: Any, local: Any,
+                  say: Callable[[str], None], out: TextIO | None) -> str | None:
+    """Bake and push each member from its architecture's serve image; the image arch of a single
+    member (None when unknown). Refuses an image of another architecture than its bundle."""
+    image_arch: str | None = None
+    for m in members:
+        base = opts.image
+        if m.arch and len(members) > 1:  # IMAGE when it is that arch, else IMAGE-ARCH (make images ARCH=...)
+            base = pick_image(local, client, base, m.arch, host, lambda _text: None)
+            say(f"{m.arch}: {m.bundle} on {base}")
+        elif m.arch:  # a cpu-arm64 bundle takes the arm64 serve image (IMAGE-arm64, as `make images ARCH=arm64` tags it)
+            base = pick_image(local, client, base, m.arch, host, say)
+        base, _moved = ensure_image(local if local is not None else client, client, host, base, None, None, out)
+        image_arch = normalize_arch(client.images.get(base).attrs.get("Architecture"))
+        if m.arch and image_arch and m.arch != image_arch:
+            raise SlmopsUsageError("--image", f"{base} is a linux/{image_arch} image and {m.bundle} was built for "
+                                   f"{m.arch} (target {m.manifest.target.name}); build the serve image with "
+                                   f"`make images ARCH={m.arch}`")
+        assert opts.registry is not None
+        m.baked = bake(client, base, m.bundle, m.manifest, m.sha256, opts.registry, say, out)
+    return image_arch
+
+
 def deploy(opts: FleetOptions, out: TextIO | None = None) -> FleetResult:
     docker = import_docker()
     say = _sayer(out)
     start = time.monotonic()
-    if opts.bundle is None:
-        raise SlmopsUsageError("--bundle", "pass the bundle folder to roll out (make bundle writes dist/bundles/cpu)")
-    manifest, sha = check_bundle(opts.bundle)
+    members = _members(opts)
     if not opts.registry:
         raise SlmopsUsageError("--registry", "the devices pull the bundle image from a registry: pass --registry "
                                "HOST:PORT (one every node can reach; e.g. `docker run -d -p 5000:5000 registry:2`)")
+    expected: dict[str, dict[str, dict[str, str]]] = {}
+    if opts.canary > 0 and opts.canary_compare:  # before anything moves: a bundle that cannot run here says so now
+        for m in members:
+            key = str(m.arch) if len(members) > 1 else ANY_ARCH
+            say(f"computing what {m.bundle} answers (the canary's answers must equal it)")
+            expected[key] = expected_answers(m.bundle, m.manifest)
     host, client = connect_manager(opts.manager)
     docker_err = docker.errors.APIError
     existing = None
@@ -382,54 +497,71 @@ def deploy(opts: FleetOptions, out: TextIO | None = None) -> FleetResult:
         raise SlmopsUsageError("--service", f"service '{opts.service}' exists and was not made by slmops fleet; "
                                "pick another --service name")
 
-    # the serve image on the manager (from this machine's engine when the manager lacks it)
-    arch = bundle_arch(manifest)
-    base = opts.image
+    # the serve image(s) on the manager (from this machine's engine when the manager lacks them)
     local = None
     with contextlib.suppress(Exception):
         local = connect(parse_host("local"), timeout=600)
-    if arch:  # a cpu-arm64 bundle takes the arm64 serve image (IMAGE-arm64, as `make images ARCH=arm64` tags it)
-        base = pick_image(local, client, base, arch, host, say)
-    base, _moved = ensure_image(local if local is not None else client, client, host, base, None, None, out)
-    base_image = client.images.get(base)
-    image_arch = normalize_arch(base_image.attrs.get("Architecture"))
-    if arch and image_arch and arch != image_arch:
-        raise SlmopsUsageError("--image", f"{base} is a linux/{image_arch} image and the bundle was built for {arch} "
-                               f"(target {manifest.target.name}); build the serve image with `make images ARCH={arch}`")
-    baked = bake(client, base, opts.bundle, manifest, sha, opts.registry, say, out)
+    image_arch = _bake_members(opts, members, host, client, local, say, out)
+    first = members[0]
+    assert first.baked is not None
+    if len(members) == 1:
+        ref, sha, target, arch, shas = first.baked.ref, first.sha256, first.manifest.target.name, \
+            image_arch or first.arch, None
+        baked_info = asdict(first.baked)
+    else:
+        import hashlib
+
+        ref = list_ref(opts.registry, [(str(m.arch), m.manifest, m.sha256) for m in members])
+        shas = {str(m.arch): m.sha256 for m in members}
+        sha = hashlib.sha256("\n".join(f"{a}={s}" for a, s in sorted(shas.items())).encode()).hexdigest()
+        target, arch = "+".join(m.manifest.target.name for m in members), None
+        t = time.monotonic()
+        digest = Registry(opts.registry).put_list(ref, [(str(m.arch), m.baked.ref) for m in members if m.baked])
+        say(f"manifest list {ref} ({digest[:19]}): " + ", ".join(f"linux/{m.arch} -> {m.baked.ref}" for m in members
+                                                                  if m.baked))
+        baked_info = {"ref": ref, "digest": digest, "list_seconds": time.monotonic() - t,
+                      "built": any(m.baked.built for m in members if m.baked),
+                      "pushed_bytes": sum(m.baked.pushed_bytes for m in members if m.baked),
+                      "seconds": sum(m.baked.seconds for m in members if m.baked)}
     token, source = admin_token(host, opts.service, None, opts.env)
     if source == "generated":
         kept = _existing_token(existing)
         if kept:
             token, source = kept, "kept"
-    spec = service_spec(opts, baked.ref, image_arch or arch, sha, manifest.target.name, sorted(manifest.adapters), token)
+    spec = service_spec(opts, ref, arch, sha, target, sorted(first.manifest.adapters), token, shas)
     spec["Labels"][LABEL_SPEC] = _spec_key(spec)
-    result = FleetResult(opts.service, "", baked.ref, sha, 0, 0.0, asdict(baked), admin_token_source=source)
+    result = FleetResult(opts.service, "", ref, sha, 0, 0.0, baked_info, admin_token_source=source)
+    if shas:
+        result.members = {str(m.arch): {"image": m.baked.ref if m.baked else "", "bundle_sha256": m.sha256,
+                                        "target": m.manifest.target.name} for m in members}
     if existing is not None and existing["Spec"].get("Labels", {}).get(LABEL_SPEC) == spec["Labels"][LABEL_SPEC]:
-        ok, should, down = _settled(client, existing["ID"], baked.ref, nodes(client))
+        ok, should, down = _settled(client, existing["ID"], ref, nodes(client))
         if ok >= should:
-            record(host, opts.service, baked.ref, manifest.target.name, token)
+            record(host, opts.service, ref, target, token)
             result.status, result.tasks, result.down_nodes = "unchanged", ok, down
             result.seconds = time.monotonic() - start
             return result
     failures: list[str] = []
     try:
         if existing is None:
-            say(f"creating service {opts.service}: {baked.ref} "
+            say(f"creating service {opts.service}: {ref} "
                 f"({'global' if opts.replicas is None else f'{opts.replicas} replicas'}, host port {opts.port})")
             service_id = create_service(client, spec)
         else:
             service_id = existing["ID"]
             prev = existing["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"].split("@")[0]
-            say(f"updating service {opts.service}: {prev} -> {baked.ref}, one device at a time, health-gated")
+            say(f"updating service {opts.service}: {prev} -> {ref}, one device at a time, health-gated")
             if opts.canary > 0:
-                result.canary = canary(client, existing, spec, opts, say)
+                try:
+                    result.canary = canary(client, existing, spec, opts, say, expected or None)
+                except CanaryFailed as bad:
+                    raise _canary_rolled_back(client, host, existing, opts, bad, token, start, say) from None
             else:
                 update_service(client, existing, spec)
     except docker_err as exc:
         raise SlmopsUsageError("--service", f"the swarm refused the service spec: {exc.explanation or exc}") from exc
-    record(host, opts.service, baked.ref, manifest.target.name, token)
-    state, down = follow(client, service_id, baked.ref, opts.timeout, say, failures)
+    record(host, opts.service, ref, target, token)
+    state, down = follow(client, service_id, ref, opts.timeout, say, failures)
     for _ in range(PORT_RACE_RETRIES):
         if existing is None or opts.canary or state == "completed" or not failures \
                 or not all(PORT_RACE in f for f in failures):
@@ -441,12 +573,12 @@ def deploy(opts: FleetOptions, out: TextIO | None = None) -> FleetResult:
         result.retries += 1
         failures.clear()
         update_service(client, client.api.inspect_service(service_id), spec)
-        state, down = follow(client, service_id, baked.ref, opts.timeout, say, failures)
+        state, down = follow(client, service_id, ref, opts.timeout, say, failures)
     result.down_nodes = down
     result.seconds = time.monotonic() - start
     if state == "completed":
         result.status = "created" if existing is None else "updated"
-        result.tasks = _settled(client, service_id, baked.ref, nodes(client))[0]
+        result.tasks = _settled(client, service_id, ref, nodes(client))[0]
         return result
     why = failures[0] if failures else f"the update did not finish in {opts.timeout:.0f}s"
     if opts.canary > 0 and existing is not None and state != "completed":
@@ -464,21 +596,44 @@ def deploy(opts: FleetOptions, out: TextIO | None = None) -> FleetResult:
             # (and pass their health check): wait for them, so "rolled back" means serving again
             wait_running(client, service_id, back, opts.timeout, say)
             record(host, opts.service, back, existing["Spec"].get("Labels", {}).get(LABEL_BUNDLE_NAME, "?"), token)
-        raise FleetError(f"rollout of {baked.ref} to '{opts.service}' failed and Swarm rolled it back to {back} "
+        raise FleetError(f"rollout of {ref} to '{opts.service}' failed and Swarm rolled it back to {back} "
                          f"in {result.seconds:.1f}s: {why}")
     if existing is None:
         raise FleetError(f"service '{opts.service}' did not become healthy ({state}): {why}; it is left for "
                          f"inspection (`slmops fleet status --service {opts.service}`; `docker service rm "
                          f"{opts.service}` removes it)")
-    raise FleetError(f"rollout of {baked.ref} to '{opts.service}' stopped ({state}): {why}; "
+    raise FleetError(f"rollout of {ref} to '{opts.service}' stopped ({state}): {why}; "
                      f"`slmops fleet rollback --service {opts.service}` goes back to the previous version")
 
 
 # ---- canary -------------------------------------------------------------------------------------
+def _canary_rolled_back(client: Any, host: Host, existing: dict[str, Any], opts: FleetOptions, bad: CanaryFailed,
+                        token: str, start: float, say: Callable[[str], None]) -> FleetError:
+    """Swarm's own rollback of the canary batch (the service's previous spec is the one before this
+    deploy), followed until every task runs the previous image again; the error that says why."""
+    a = bad.answer
+    what = f"adapter '{a['adapter']}'" if a["adapter"] else "the base model (no adapter)"
+    say(f"  canary on {bad.node} ({bad.address}) answered wrongly for {what}: {a['error']}; Swarm rolls back")
+    back = existing["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"].split("@")[0]
+    service_id = existing["ID"]
+    svc = client.api.inspect_service(service_id)
+    update_service(client, svc, svc["Spec"], rollback=True)
+    state, _down = follow(client, service_id, back, opts.timeout, say, [])
+    serving = wait_running(client, service_id, back, opts.timeout, say)
+    record(host, opts.service, back, existing["Spec"].get("Labels", {}).get(LABEL_BUNDLE_NAME, "?"), token)
+    done = f"Swarm rolled '{opts.service}' back to {back}" if serving and state in ("rolled back", "completed") else \
+        f"Swarm's rollback of '{opts.service}' to {back} did not finish ({state}; see `slmops fleet status`)"
+    return FleetError(f"canary {bad.address} on node {bad.node} answered wrongly for {what}: {a['error']}; "
+                      f"{done} in {time.monotonic() - start:.1f}s")
+
+
 def canary(client: Any, existing: dict[str, Any], spec: dict[str, Any], opts: FleetOptions,
-           say: Callable[[str], None]) -> list[dict[str, Any]]:
+           say: Callable[[str], None], expected: dict[str, dict[str, dict[str, str]]] | None = None
+           ) -> list[dict[str, Any]]:
     """Update ``opts.canary`` tasks first (a batch of K, then a long delay), send each a Generate per
-    adapter, then let the rest follow one at a time; a wrong answer rolls everything back."""
+    adapter, then let the rest follow one at a time. ``expected`` (node arch, or ANY_ARCH, -> adapter
+    -> {"text", "sha256"}): each answer must equal it; a wrong answer raises CanaryFailed (the caller
+    has Swarm roll back)."""
     staged = json.loads(json.dumps(spec))
     staged["UpdateConfig"] = {**spec["UpdateConfig"], "Parallelism": opts.canary, "Delay": 3600 * NS}
     update_service(client, existing, staged)
@@ -496,36 +651,57 @@ def canary(client: Any, existing: dict[str, Any], spec: dict[str, Any], opts: Fl
         if len(running) >= opts.canary:
             token = _existing_token({"Spec": spec}) or ""
             for t in running[:opts.canary]:
-                address = f"{table[t['NodeID']]['addr']}:{opts.port}"
-                answers = generate_each(address, token, spec["Labels"][LABEL_ADAPTERS].split(","))
-                checked.append({"node": table[t["NodeID"]]["hostname"], "address": address, "answers": answers})
+                node = table[t["NodeID"]]
+                address = f"{node['addr']}:{opts.port}"
+                want = None if expected is None else expected.get(node["arch"], expected.get(ANY_ARCH))
+                answers = generate_each(address, token, spec["Labels"][LABEL_ADAPTERS].split(","), want)
+                checked.append({"node": node["hostname"], "arch": node["arch"], "address": address,
+                                "compared": want is not None, "answers": answers})
                 bad = [a for a in answers if not a["ok"]]
                 if bad:
-                    say(f"  canary on {table[t['NodeID']]['hostname']} answered wrongly: {bad[0]['error']}; rolling back")
-                    update_service(client, client.api.inspect_service(existing["ID"]), existing["Spec"])
-                    raise FleetError(f"canary {address} on node {table[t['NodeID']]['hostname']} failed "
-                                     f"({bad[0]['adapter'] or 'base'}: {bad[0]['error']}); '{opts.service}' was put back "
-                                     f"on {existing['Spec']['TaskTemplate']['ContainerSpec']['Image'].split('@')[0]}")
-                say(f"  canary {table[t['NodeID']]['hostname']} ({address}): "
-                    f"{len(answers)} Generate calls answered, one per adapter")
+                    raise CanaryFailed(node["hostname"], address, bad[0])
+                say(f"  canary {node['hostname']} ({address}): {len(answers)} Generate calls answered, one per "
+                    "adapter" + (", each equal to what the bundle answers" if want is not None else ""))
             update_service(client, client.api.inspect_service(existing["ID"]), spec)
             return checked
         time.sleep(0.5)
     return checked
 
 
-def generate_each(address: str, token: str, adapters: list[str], prompt: str = "Hello") -> list[dict[str, Any]]:
+def generate_each(address: str, token: str, adapters: list[str],
+                  expected: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """A Generate per adapter ("" = the base model first) on ``address``: the canary's raw prompt,
+    greedy, CANARY_TOKENS. An answer is wrong when it is an error, names another adapter, or (with
+    ``expected``: adapter -> {"text", "sha256"}) its adapter sha256 or its text differs."""
     from slmops_serve.client import SlmopsClient
 
     answers = []
     with SlmopsClient(address, token=token or None, timeout=30) as c:
-        for adapter in ["", *[a for a in adapters if a]]:
+        for adapter in ["", *sorted(a for a in adapters if a)]:
+            row: dict[str, Any] = {"adapter": adapter, "ok": False, "error": ""}
             try:
-                r = c.generate(prompt, adapter=adapter, max_new_tokens=4)
-                answers.append({"adapter": adapter, "ok": r.adapter == adapter and bool(r.usage.completion_tokens),
-                                "error": "" if r.adapter == adapter else f"answered with adapter '{r.adapter}'"})
+                r = c.generate(CANARY_PROMPT, adapter=adapter, max_new_tokens=CANARY_TOKENS, temperature=0.0)
             except Exception as exc:  # grpc.RpcError
-                answers.append({"adapter": adapter, "ok": False, "error": _rpc_error(exc)})
+                row["error"] = _rpc_error(exc)
+                answers.append(row)
+                continue
+            row.update(text=r.text, sha256=r.adapter_sha256)
+            want = (expected or {}).get(adapter)
+            if r.adapter != adapter:
+                row["error"] = f"answered with adapter '{r.adapter}'"
+            elif not r.usage.completion_tokens:
+                row["error"] = "answered no token"
+            elif expected is not None and want is None:
+                row["error"] = "the bundle has no such adapter to compare with"
+            elif want is not None and r.adapter_sha256 != want["sha256"]:
+                row["error"] = (f"adapter sha256 expected {want['sha256'][:16]} (bundle.json), got "
+                                f"{r.adapter_sha256[:16] or 'none'}; text expected {want['text']!r}, got {r.text!r}")
+            elif want is not None and r.text != want["text"]:
+                row["error"] = f"text expected {want['text']!r} (what the bundle answers), got {r.text!r}"
+            row["ok"] = not row["error"]
+            if want is not None:
+                row["expected"] = want["text"]
+            answers.append(row)
     return answers
 
 
@@ -569,10 +745,13 @@ def replicas(client: Any, svc: dict[str, Any]) -> list[dict[str, Any]]:
         if t.get("DesiredState") != "running":
             continue
         node = table.get(t.get("NodeID", ""), {})
+        labels = t["Spec"]["ContainerSpec"].get("Labels", {})
+        members = dict(m.split("=", 1) for m in labels.get(LABEL_MEMBERS, "").split(",") if "=" in m)
         rows.append({"task": t["ID"][:12], "node": node.get("hostname", "?"), "arch": node.get("arch", "?"),
                      "node_state": node.get("state", "?"), "state": t["Status"]["State"],
                      "address": f"{node.get('addr', '?')}:{port}", "image": _task_spec_image(t),
-                     "bundle_sha256": t["Spec"]["ContainerSpec"].get("Labels", {}).get(LABEL_BUNDLE_SHA, "-")[:12],
+                     # a multi-arch service: the bundle of the node's architecture (its member of the list)
+                     "bundle_sha256": members.get(node.get("arch", "?"), labels.get(LABEL_BUNDLE_SHA, "-"))[:12],
                      "error": t["Status"].get("Err", "")})
     return sorted(rows, key=lambda r: r["node"])
 
