@@ -108,6 +108,21 @@ def first_bundle(model_dir: Path, out: Path, old_bundle: Path | None) -> None:
         raise RuntimeError(f"the first build failed: {first.stderr[-2000:]}")
 
 
+# `slmops build ARGS` (argv[1:]) that SIGKILLs its process group once the model file is saved
+KILLED_AFTER_MODEL_SAVE = """
+import os, signal, sys
+import onnx_ir
+save = onnx_ir.save
+def save_then_die(*args, **kwargs):
+    save(*args, **kwargs)
+    os.killpg(0, signal.SIGKILL)
+onnx_ir.save = save_then_die
+from slmops.cli import main
+sys.argv = ["slmops", *sys.argv[1:]]
+main()
+"""
+
+
 def kill_build_midway(model_dir: Path, work: Path, when: str, old_bundle: Path | None = None) -> dict[str, Any]:
     """With a bundle in place, rebuild it with ``--overwrite`` and SIGKILL the build (its whole process
     group: the builder subprocess too) ``when`` = "temp" (its temp folder exists) or "model" (its
@@ -117,6 +132,10 @@ def kill_build_midway(model_dir: Path, work: Path, when: str, old_bundle: Path |
     before = tree_state(out)
     # --lora_modules changes the build key, so the rebuild really writes a new bundle
     command = build_args(model_dir, out, "--overwrite", "--lora_modules", "q_proj,v_proj")
+    if when == "model":
+        # the model file is in the temp folder and its side files are not: a tiny model's is written
+        # in milliseconds, which polling from here can miss, so the build kills itself right there
+        command = [sys.executable, "-c", KILLED_AFTER_MODEL_SAVE, *command[3:]]
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     killed_at = None
@@ -126,14 +145,14 @@ def kill_build_midway(model_dir: Path, work: Path, when: str, old_bundle: Path |
         temps = [p for p in out.parent.iterdir() if p.name.startswith(f".tmp-{out.name}-")]
         if temps and when == "temp":
             seen = "temp folder"
-        elif temps and when == "model" and any((t / "model").is_dir() and any((t / "model").iterdir()) for t in temps):
-            seen = "model files in the temp folder"
         if seen:
             os.killpg(proc.pid, signal.SIGKILL)
             killed_at = time.perf_counter() - started
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
+    if when == "model" and proc.returncode == -signal.SIGKILL:
+        killed_at, seen = time.perf_counter() - started, "model file saved in the temp folder"
     after_kill = tree_state(out)
     leftovers = siblings(out)
     t0 = time.perf_counter()
