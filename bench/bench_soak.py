@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     duration = args.minutes * 60
+    allocator = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "SLMOPS_MALLOC"))}
     windows = []
     start = 0.0
     while start < duration:
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "short_run": args.minutes < 30, "minutes": args.minutes, "window_s": args.window_s,
         "adapters": args.adapters, "adapter_files_mb": round(files_mb, 1), "adapter_memory_mb": args.adapter_memory,
         "clients": args.clients, "max_batch": args.max_batch, "cancel_share": args.cancel_share,
+        "allocator_env": allocator,  # SLMOPS_MALLOC=default: glibc's defaults, not the server's tuning
         "server_died": died, "requests": {"ok": tally.ok, "cancelled_by_client": tally.cancelled,
                                           "lost": len(tally.lost), "lost_examples": tally.lost[:10],
                                           "refused": tally.refused},

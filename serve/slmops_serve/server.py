@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from slmops.bundle import BundleError, read_manifest
+from slmops.runtime.memory import configure_allocator
 from slmops.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from slmops_serve.config import ServeConfig
 from slmops_serve.engine import Engine
@@ -193,6 +194,7 @@ def serve(config: ServeConfig) -> int:
     """Run a server until SIGTERM/SIGINT; the exit code (0 after a drain, 1 when the model fails to load
     or the scheduler dies)."""
     setup_logging(config.log_level)
+    configure_allocator()  # before any thread: freed adapter buffers go back to the OS, not to a heap
     server = SlmopsServer(config)
     stop = threading.Event()
 

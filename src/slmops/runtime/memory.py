@@ -150,6 +150,43 @@ class ByteLRU(Generic[V]):
 
 
 _libc: Any = None
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+# Allocations of this size and up are mmap'd and unmapped on free (a fixed threshold: glibc's own
+# rises after the first free of a large block, up to 32 MiB, and then adapter tensors, upload
+# buffers and mix concatenations land in the heap, where they fragment it and stay resident).
+MMAP_THRESHOLD = 1 << 20
+# Heaps malloc keeps for threads (glibc's default is 8 per core: with the gRPC pool's threads each
+# touching large buffers, every arena keeps its own free pages).
+ARENA_MAX = 2
+
+
+def _glibc() -> Any:
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if sys.platform.startswith("linux") else False
+        except OSError:
+            _libc = False  # not glibc: nothing to tune or trim
+    return _libc
+
+
+def configure_allocator(mmap_threshold: int = MMAP_THRESHOLD, arena_max: int = ARENA_MAX) -> bool:
+    """Make a long-running server give freed large buffers back to the OS as it frees them: a fixed
+    mmap threshold and fewer arenas (glibc ``mallopt``; an explicit MALLOC_* environment variable
+    wins; ``SLMOPS_MALLOC=default`` leaves glibc's defaults). Call once, early, before the threads
+    start. False where nothing was changed."""
+    import os
+
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None) if libc else None
+    if mallopt is None or os.environ.get("SLMOPS_MALLOC") == "default":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(M_ARENA_MAX, arena_max)
+    return True
 
 
 def release_freed_memory() -> None:
@@ -158,14 +195,7 @@ def release_freed_memory() -> None:
     Large arrays are usually mmap'd and unmapped when freed, but glibc raises its mmap threshold
     after the first such free, so later buffers of that size come from the heap, and their pages
     stay resident after ``free`` until trimmed. A no-op where there is no glibc."""
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = getattr(_libc, "malloc_trim", None)
-        if trim is not None:
-            trim(0)
-    except OSError:
-        _libc = False  # not glibc: nothing to trim
+    libc = _glibc()
+    trim = getattr(libc, "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
