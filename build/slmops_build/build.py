@@ -374,7 +374,14 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     from slmops_build.bundle_writer import base_model_info, write_manifest
     from slmops_build.export import check_lora_modules, covered_modules, export_base_model
     from slmops_build.quantize import check_precision
-    from slmops_build.validate import Bounds, BuildValidationError, can_run, other_arch, validate_bundle
+    from slmops_build.validate import (
+        Bounds,
+        BuildValidationError,
+        TorchAnswers,
+        can_run,
+        other_arch,
+        validate_bundle,
+    )
 
     console = console or Console(stderr=True)
     started = time.time()
@@ -416,7 +423,7 @@ def build_bundle(config: BuildConfig, console: Any = None) -> Path:
     timings: dict[str, float] = {}
     export_report: dict[str, Any] = {}
     search_report: dict[str, Any] | None = None
-    torch_answers: dict[str, list[list[int]]] | None = None  # PyTorch's eval answers, when the search made them
+    torch_answers: dict[str, TorchAnswers] | None = None  # PyTorch's eval answers, when the search made them
     bounds = Bounds(rows=config.validate_rows, max_accuracy_drop=config.max_accuracy_drop, min_agreement=config.min_agreement,
                     max_ppl_increase=config.max_ppl_increase, max_new_tokens=config.validate_max_new_tokens)
     with atomic_output_dir(out, config.overwrite) as tmp:

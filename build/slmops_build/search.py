@@ -35,6 +35,7 @@ from typing import Any
 from slmops.bundle import LoraTemplate
 from slmops.targets import Target
 from slmops_build.export import MODEL_FILE
+from slmops_build.validate import TorchAnswers
 
 SPEED_TOKENS = 32
 SPEED_ROUNDS = 3
@@ -146,8 +147,7 @@ class Reference:
     name: str
     onnx_path: Path
     prompt_ids: list[list[int]]
-    answers: list[list[int]]
-    stopped: list[bool]  # the answer ended with an end-of-sequence token (not the token cap)
+    torch: TorchAnswers  # PyTorch's answers, the tokens generated and their margins
     references: list[str]
     label_task: bool
     max_new_tokens: int
@@ -168,9 +168,9 @@ class PytorchSide:
 def pytorch_side(hf_model_dir: Path, adapters: dict[str, tuple[Any, Path]], bounds: Any, eos: set[int]) -> PytorchSide:
     """PyTorch fp32+PEFT greedy answers on every adapter's rows, and fp32 NLL of the texts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmops_build.validate import _cut, _load_peft, _nll, eval_set, quiet_transformers, row_scores
+    from slmops_build.validate import _load_peft, _nll, eval_set, quiet_transformers, row_scores, torch_greedy
 
     started = time.time()
     quiet_transformers()
@@ -193,24 +193,9 @@ def pytorch_side(hf_model_dir: Path, adapters: dict[str, tuple[Any, Path]], boun
         prompt_ids = [list(tokenizer(p, add_special_tokens=not data.chat)["input_ids"]) for p in data.prompts]
         texts += [list(tokenizer(t, add_special_tokens=not data.chat)["input_ids"])[:256] for t in data.texts[:bounds.ppl_texts]]
         model.set_adapter(name)
-        config = GenerationConfig(max_new_tokens=data.max_new_tokens, do_sample=False, eos_token_id=sorted(eos) or None,
-                                  pad_token_id=pad)
-        answers: list[list[int]] = []
-        stopped: list[bool] = []
-        with torch.no_grad():
-            for start in range(0, len(prompt_ids), bounds.torch_batch_size):
-                chunk = prompt_ids[start:start + bounds.torch_batch_size]
-                width = max(len(ids) for ids in chunk)
-                input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
-                mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
-                out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-                for row in out:
-                    new = [int(t) for t in row[width:]]
-                    cut = _cut(new, eos)
-                    answers.append(cut)
-                    stopped.append(len(cut) < len(new) or len(cut) < data.max_new_tokens)
-        metric, torch_rows = row_scores([decode(a) for a in answers], data.references, data.label_task)
-        refs[name] = Reference(name, onnx_path, prompt_ids, answers, stopped, data.references, data.label_task,
+        answers = torch_greedy(model, prompt_ids, data.max_new_tokens, eos, pad, bounds.torch_batch_size)
+        metric, torch_rows = row_scores([decode(a) for a in answers.tokens], data.references, data.label_task)
+        refs[name] = Reference(name, onnx_path, prompt_ids, answers, data.references, data.label_task,
                                data.max_new_tokens, torch_rows, metric)
     nll = []
     with torch.no_grad(), model.disable_adapter():
@@ -234,7 +219,15 @@ def quality(model_dir: Path, template: LoraTemplate, side: PytorchSide, bounds: 
 
     from slmops.contract import check_adapter_file
     from slmops.runtime import LocalModel
-    from slmops_build.validate import OrtScorer, _nll, _ppl, paired_drop, row_scores
+    from slmops_build.validate import (
+        OrtScorer,
+        _nll,
+        _ppl,
+        answer_margins,
+        expected_agreement,
+        paired_drop,
+        row_scores,
+    )
 
     started = time.time()
     scorer = OrtScorer(model_dir, threads=threads)
@@ -243,12 +236,15 @@ def quality(model_dir: Path, template: LoraTemplate, side: PytorchSide, bounds: 
     for name, ref in side.references.items():
         feeds = check_adapter_file(ref.onnx_path, template).tensors
         predictions: list[list[int]] = []
+        shifts: list[float] = []
         same = 0
-        for ids, answer, stopped in zip(ref.prompt_ids, ref.answers, ref.stopped, strict=True):
-            logits = scorer.logits(ids + answer, feeds)[len(ids) - 1:]
+        for ids, answer, path, margins in zip(ref.prompt_ids, ref.torch.tokens, ref.torch.paths, ref.torch.margins,
+                                              strict=True):
+            logits = scorer.logits(ids + path, feeds)[len(ids) - 1:]
+            shifts += [b - t for b, t in zip(answer_margins(logits, path), margins, strict=True)]
             picks = logits.argmax(-1)
             agrees = all(int(picks[i]) == tok for i, tok in enumerate(answer))
-            if stopped:
+            if len(path) > len(answer):  # PyTorch stopped there: the bundle must pick an EOS too
                 agrees = agrees and int(picks[len(answer)]) in side.eos
             if agrees:
                 same += 1
@@ -262,8 +258,10 @@ def quality(model_dir: Path, template: LoraTemplate, side: PytorchSide, bounds: 
         _, rows = row_scores([side.decode(p) for p in predictions], ref.references, ref.label_task)
         drop, margin = paired_drop(rows, ref.torch_rows)
         n = len(ref.prompt_ids)
+        expected, sigma = expected_agreement(ref.torch.margins, shifts)
         out["adapters"][name] = {
-            "rows": n, "rows_same": same, "agreement": round(same / n, 4), "metric": ref.metric,
+            "rows": n, "rows_same": same, "agreement": round(same / n, 4), "expected_agreement": round(expected, 4),
+            "margin_shift_rms": round(sigma, 4), "metric": ref.metric,
             "bundle": round(float(np.mean(rows)), 4), "pytorch": round(float(np.mean(ref.torch_rows)), 4),
             "drop_points": round(drop, 2), "noise_margin_points": round(margin, 2),
         }
@@ -284,6 +282,9 @@ def budget_failures(q: dict[str, Any], bounds: Any) -> list[str]:
     for name, entry in q["adapters"].items():
         if agreement_fails(entry["rows_same"], entry["rows"], bounds.min_agreement):
             why.append(agreement_failure(name, entry["rows_same"], entry["rows"], bounds.min_agreement))
+        elif entry["expected_agreement"] < bounds.min_agreement:
+            why.append(f"adapter {name}: expected agreement on unseen rows {entry['expected_agreement']:.1%} < "
+                       f"{bounds.min_agreement:.0%} (answer margins moved by {entry['margin_shift_rms']} logits rms)")
         if entry["drop_points"] > bounds.max_accuracy_drop and entry["drop_points"] > entry["noise_margin_points"]:
             why.append(f"adapter {name}: {entry['metric']} drop {entry['drop_points']} points > {bounds.max_accuracy_drop} "
                        f"(noise {entry['noise_margin_points']})")
@@ -396,7 +397,7 @@ def run_search(model_dir: Path, fp32_dir: Path, work: Path, target: Target, temp
     for cand in chosen:
         q = quality(dirs[cand.name], template, side, bounds, threads)
         why = budget_failures(q, bounds)
-        agree = min(e["agreement"] for e in q["adapters"].values())
+        agree = min(min(e["agreement"], e["expected_agreement"]) for e in q["adapters"].values())
         rows.append({"name": cand.name, "options": cand.options, "note": cand.note, "quality": q,
                      "min_agreement": agree, "within_budget": not why, "outside_budget": why})
         log(f"  {cand.name}: agreement " + ", ".join(f"{n} {e['rows_same']}/{e['rows']}" for n, e in q["adapters"].items())
@@ -440,5 +441,5 @@ def run_search(model_dir: Path, fp32_dir: Path, work: Path, target: Target, temp
     report.update(pick=pick["name"], pick_options=pick["options"], reason=reason, timings=timings,
                   seconds=timings["total_s"])
     # for the build's validation of the pick (same rows): not recorded in bundle.json
-    report["_torch_answers"] = {n: r.answers for n, r in side.references.items()}
+    report["_torch_answers"] = {n: r.torch for n, r in side.references.items()}
     return dirs[pick["name"]], report

@@ -214,12 +214,98 @@ def agreement_failure(name: str, same: int, rows: int, minimum: float) -> str:
             f"{minimum:.0%} (--min_agreement)")
 
 
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def expected_agreement(torch_margins: list[list[float]], shifts: list[float]) -> tuple[float, float]:
+    """(expected share of unseen rows whose answer stays PyTorch's, sigma): what the rows' observed
+    agreement cannot see.
+
+    A quantized bundle moves every logit a little; an answer flips where that move exceeds how sure
+    PyTorch was (its answer margin: the taken token's logit minus the best other's). ``shifts`` are
+    the moves of those margins measured on these rows (bundle minus PyTorch, teacher-forced on
+    PyTorch's answers); sigma is their root mean square. Taken as noise independent of the margin,
+    a row whose steps have margins m keeps its answer with probability prod Phi(m / sigma), and
+    the mean over the rows is the agreement to expect on rows like them. 50 rows with no flip can
+    still hold a few thin margins, which unseen rows will flip (the demo's tone adapter: 50/50 eval
+    rows identical, 95/100 test rows).
+    """
+    if not shifts or not torch_margins:
+        return 1.0, 0.0
+    sigma = math.sqrt(sum(d * d for d in shifts) / len(shifts))
+    if sigma == 0.0:
+        return 1.0, 0.0
+    keep = [math.prod(_phi(m / sigma) for m in margins) for margins in torch_margins]
+    return sum(keep) / len(keep), sigma
+
+
+def expected_agreement_failure(name: str, expected: float, sigma: float, margins: list[list[float]], minimum: float) -> str:
+    thin = sum(1 for m in margins if m and min(m) < 2 * sigma)
+    return (f"adapter {name}: expected agreement on unseen rows {expected:.1%} < {minimum:.0%} (--min_agreement): the "
+            f"bundle moves PyTorch's answer margins by {sigma:.2f} logits (rms) and {thin}/{len(margins)} rows have a "
+            f"margin under twice that")
+
+
 # ---- runners --------------------------------------------------------------------------------
 def _cut(tokens: list[int], eos: set[int]) -> list[int]:
     for i, tok in enumerate(tokens):
         if tok in eos:
             return tokens[:i]
     return tokens
+
+
+def answer_margins(logits: Any, path: list[int]) -> list[float]:
+    """Per step: the logit of ``path``'s token minus the best other token's (``logits`` [steps, vocab])."""
+    import numpy as np
+
+    lg = np.array(logits[:len(path)], dtype=np.float32, copy=True)
+    steps = np.arange(len(path))
+    taken = lg[steps, path].copy()
+    lg[steps, path] = -np.inf
+    return [float(x) for x in taken - lg.max(axis=-1)]
+
+
+@dataclass
+class TorchAnswers:
+    """PyTorch fp32(+PEFT) greedy answers on a set of prompts, and how sure it was of each token."""
+
+    tokens: list[list[int]]  # the answers, EOS cut off
+    paths: list[list[int]]  # the tokens generated: the answer, then the EOS that ended it (if one did)
+    margins: list[list[float]]  # per step of the path: the logit taken minus the best other's
+
+    @property
+    def stopped(self) -> list[bool]:
+        """Whether each answer ended with an EOS (not the token cap)."""
+        return [len(p) > len(t) for p, t in zip(self.paths, self.tokens, strict=True)]
+
+
+def torch_greedy(model: Any, prompts: list[list[int]], max_new: int, eos: set[int], pad: int,
+                 batch_size: int) -> TorchAnswers:
+    """Greedy answers of a transformers model, left-padded batches (as the train stage evaluates), with
+    each step's raw logits kept for the answer margins."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(eos) or None, pad_token_id=pad)
+    answers = TorchAnswers([], [], [])
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                 output_logits=True, return_dict_in_generate=True)
+            steps = torch.stack(out.logits, dim=1).float().numpy()  # [rows, steps, vocab]
+            for row, sequence in enumerate(out.sequences):
+                new = [int(t) for t in sequence[width:]]
+                cut = _cut(new, eos)
+                path = new[:len(cut) + 1] if len(cut) < len(new) else cut
+                answers.tokens.append(cut)
+                answers.paths.append(path)
+                answers.margins.append(answer_margins(steps[row], path))
+    return answers
 
 
 class OrtScorer:
@@ -269,7 +355,7 @@ def _ppl(pairs: list[tuple[float, int]]) -> float:
 def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTemplate, target: Target,
                     adapters: dict[str, tuple[PeftAdapter, Path]], bounds: Bounds,
                     merged: PeftAdapter | None = None,
-                    torch_answers: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
+                    torch_answers: dict[str, TorchAnswers] | None = None) -> dict[str, Any]:
     """Run every check; return the report (``passed``, ``failures`` and all figures).
 
     ``adapters``: name -> (checked PEFT adapter, its ``.onnx_adapter`` in the bundle).
@@ -312,23 +398,9 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
     def encode(text: str, chat: bool) -> list[int]:
         return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
 
-    @torch.no_grad()
-    def torch_generate(prompts: list[list[int]], max_new: int) -> list[list[int]]:
-        """Greedy PyTorch answers, left-padded batches (as the train stage evaluates)."""
-        from transformers import GenerationConfig
-
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos or {0})
-        config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(eos) or None, pad_token_id=pad)
-        model = peft_model if peft_model is not None else base
-        answers = []
-        for start in range(0, len(prompts), bounds.torch_batch_size):
-            chunk = prompts[start:start + bounds.torch_batch_size]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-            answers += [_cut([int(t) for t in row[width:]], eos) for row in out]
-        return answers
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos or {0})
+    # teacher-forced logits of the bundle's graph: its answer margins on PyTorch's own answers
+    scorer = OrtScorer(model_dir, threads=int(target.session_options.get("intra_op_num_threads", 2)))
 
     def decode(tokens: list[int]) -> str:
         return str(tokenizer.decode(tokens, skip_special_tokens=True)).strip()
@@ -356,7 +428,10 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
         bundle_tokens = [runner.generate(ids, data.max_new_tokens, active) for ids in prompt_ids]
         entry["bundle_generate_s"] = round(time.time() - t0, 3)
         known = (torch_answers or {}).get(name)
-        torch_tokens = known if known is not None and len(known) == len(prompt_ids) else torch_generate(prompt_ids, data.max_new_tokens)
+        if known is None or len(known.tokens) != len(prompt_ids):
+            known = torch_greedy(peft_model if peft_model is not None else base, prompt_ids, data.max_new_tokens, eos, pad,
+                                 bounds.torch_batch_size)
+        torch_tokens = known.tokens
         entry["rows"] = len(prompt_ids)
         entry["eval_source"] = data.source
         if data.sha256:
@@ -364,8 +439,15 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
         same = sum(a == b for a, b in zip(bundle_tokens, torch_tokens, strict=True))
         entry["token_agreement"] = entry["agreement"] = same / max(len(prompt_ids), 1)
         entry["rows_same"] = same
+        feeds = contract.check_adapter_file(onnx_path, template).tensors if onnx_path is not None else None
+        shifts = [b - t for ids, path, margins in zip(prompt_ids, known.paths, known.margins, strict=True)
+                  for b, t in zip(answer_margins(scorer.logits(ids + path, feeds)[len(ids) - 1:], path), margins, strict=True)]
+        expected, sigma = expected_agreement(known.margins, shifts)
+        entry.update(expected_agreement=round(expected, 4), margin_shift_rms=round(sigma, 4))
         if agreement_fails(same, len(prompt_ids), bounds.min_agreement):
             failures.append(agreement_failure(name, same, len(prompt_ids), bounds.min_agreement))
+        elif expected < bounds.min_agreement:
+            failures.append(expected_agreement_failure(name, expected, sigma, known.margins, bounds.min_agreement))
         if active is not None:
             base_tokens = [runner.generate(ids, data.max_new_tokens, None) for ids in prompt_ids[:BASE_COMPARE_ROWS]]
             diff = float(abs(runner.last_logits(prompt_ids[0], active) - runner.last_logits(prompt_ids[0], None)).max())
@@ -396,7 +478,6 @@ def validate_bundle(bundle_dir: Path, hf_model_dir: str | Path, template: LoraTe
     # Perplexity: the bundle's base model (rank-0 LoRA defaults, or the merged weights) vs fp32.
     if not texts:
         texts = [(t, False) for t in FALLBACK_TEXTS]
-    scorer = OrtScorer(model_dir, threads=int(target.session_options.get("intra_op_num_threads", 2)))
     seen: set[str] = set()
     onnx_nll, torch_nll = [], []
     for text, chat in texts:

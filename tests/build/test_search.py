@@ -45,6 +45,7 @@ def test_search_picks_the_fastest_candidate_within_the_budget(tiny_model_dir: Pa
     for row in rows.values():  # every candidate measured: quality per adapter and speed per case
         entry = row["quality"]["adapters"]["joy"]
         assert entry["rows"] == 10 and 0 <= entry["agreement"] <= 1 and "noise_margin_points" in entry
+        assert 0 <= entry["expected_agreement"] <= 1 and entry["margin_shift_rms"] > 0  # int4 moves the logits
         assert {"base", "joy", "mixed4", "one_stream_mean"} <= set(row["speed"]) and row["speed"]["base"] > 0
         assert row["within_budget"] == (not row["outside_budget"])
     assert search["pareto_front"] and set(search["pareto_front"]) <= set(rows)
@@ -124,8 +125,9 @@ def test_search_budget_unit() -> None:
     from slmops_build.search import budget_failures, pareto_front
     from slmops_build.validate import Bounds
 
-    def q(agreement_rows: int, drop: float, margin: float, ppl: float = 0.0) -> dict[str, Any]:
+    def q(agreement_rows: int, drop: float, margin: float, ppl: float = 0.0, expected: float = 1.0) -> dict[str, Any]:
         return {"adapters": {"a": {"rows": 100, "rows_same": agreement_rows, "agreement": agreement_rows / 100,
+                                   "expected_agreement": expected, "margin_shift_rms": 0.4,
                                    "metric": "accuracy", "drop_points": drop, "noise_margin_points": margin}},
                 "ppl_increase_pct": ppl}
 
@@ -136,6 +138,9 @@ def test_search_budget_unit() -> None:
     assert len(flips) == 1 and "94/100" in flips[0] and "--min_agreement" in flips[0]
     assert "drop 5.0 points" in budget_failures(q(95, 5.0, 4.38), bounds)[-1]
     assert "perplexity" in budget_failures(q(100, 0.0, 0.0, ppl=12.0), bounds)[0]
+    # every row identical, but thin margins among them: rows to come would flip
+    thin = budget_failures(q(100, 0.0, 0.0, expected=0.95), bounds)
+    assert len(thin) == 1 and "expected agreement on unseen rows 95.0%" in thin[0]
     rows = [{"name": "fast-bad", "speed": {"one_stream_mean": 10.0}, "min_agreement": 0.9},
             {"name": "slow-good", "speed": {"one_stream_mean": 5.0}, "min_agreement": 1.0},
             {"name": "dominated", "speed": {"one_stream_mean": 4.0}, "min_agreement": 0.95}]

@@ -48,3 +48,35 @@ def test_can_run_asks_the_runtime_validation_decodes_with(monkeypatch: pytest.Mo
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     runnable, why = can_run(get_target("cuda"))
     assert not runnable and "CUDAExecutionProvider is not available" in why
+
+
+def test_answer_margins_are_the_taken_logit_minus_the_best_other() -> None:
+    import numpy as np
+    from slmops_build.validate import answer_margins
+
+    logits = np.array([[0.0, 3.0, 1.0, 2.5], [4.0, 0.0, 0.0, 1.0], [0.0, 0.0, 9.0, 0.0]], np.float32)
+    # step 0 took its argmax (3 vs 2.5), step 1 too (4 vs 1), step 2 a forced non-argmax token (0 vs 9)
+    assert answer_margins(logits, [1, 0, 3]) == pytest.approx([0.5, 3.0, -9.0])
+    assert answer_margins(logits, [1]) == pytest.approx([0.5])  # a path shorter than the logits
+
+
+def test_expected_agreement_sees_thin_margins_that_did_not_flip() -> None:
+    """50 rows all identical to PyTorch: with every margin far above the measured noise, the rows to
+    come keep their answers; with a few thin margins among them, some will not, and the estimate
+    says how many: the thing the observed agreement (50/50) cannot see."""
+    import math
+
+    from slmops_build.validate import expected_agreement
+
+    shifts = [0.3, -0.3] * 50  # the bundle moves margins by 0.3 logits rms
+    confident = [[8.0, 6.0]] * 50
+    expected, sigma = expected_agreement(confident, shifts)
+    assert sigma == pytest.approx(0.3) and expected == pytest.approx(1.0, abs=1e-9)
+    thin = [[8.0, 6.0]] * 45 + [[0.1]] * 5  # 5 rows nearly tied: each keeps its answer ~63% of the time
+    expected, _ = expected_agreement(thin, shifts)
+    keep = 0.5 * (1 + math.erf(0.1 / 0.3 / math.sqrt(2)))
+    assert expected == pytest.approx((45 + 5 * keep) / 50) and expected < 0.97
+    # a longer answer: every step must hold
+    assert expected_agreement([[0.3, 0.3]], shifts)[0] == pytest.approx((0.5 * (1 + math.erf(1 / math.sqrt(2)))) ** 2)
+    assert expected_agreement(thin, [0.0] * 10) == (1.0, 0.0)  # an exact bundle (fp32): nothing moves
+    assert expected_agreement([], []) == (1.0, 0.0)
